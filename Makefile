@@ -1,0 +1,25 @@
+# The two quick-start commands: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: demo test bench clean
+
+$(PY): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(PY)
+
+demo: $(PY)
+	$(PY) examples/demo.py
+
+test: $(PY)
+	$(PY) -m pytest -n 2 -q tests
+
+bench: $(PY)
+	$(PY) benchmarks/layer_speed.py
+
+clean:
+	rm -rf $(VENV) *.egg-info demo_output

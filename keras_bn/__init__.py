@@ -1,0 +1,13 @@
+"""keras-bn: Batch Normalization (Ioffe & Szegedy 2015) as a deployable part of a Keras 3 model."""
+
+from keras_bn.batch_normalization import BatchNormalization
+from keras_bn.folding import FoldReport, fold_batchnorm
+from keras_bn.population import estimate_population_statistics
+
+__all__ = [
+    "BatchNormalization",
+    "FoldReport",
+    "estimate_population_statistics",
+    "fold_batchnorm",
+]
+__version__ = "0.1.0"
