@@ -1,5 +1,210 @@
-"""PLACEHOLDER (issue 2)."""
+"""Exact population statistics: Algorithm 2, lines 9-11 of Ioffe & Szegedy (2015)."""
+
+import logging
+
+import keras
+import numpy as np
+from keras import ops
+
+logger = logging.getLogger(__name__)
 
 
 def estimate_population_statistics(model, data, steps=None, batch_size=32, verbose="auto"):
-    raise NotImplementedError
+    """Sets every BN layer's moving statistics to the population statistics of Algorithm 2.
+
+    Runs the network in training mode over training mini-batches B (so that every BN layer sees
+    the activations it sees in training, normalized by the layers before it with their batch
+    statistics) and sets, for every trainable BN layer (`keras_bn.BatchNormalization` and
+    `keras.layers.BatchNormalization`, nested models included):
+    `moving_mean = E_B[mu_B]` and `moving_variance = E_B[m / (m - 1) * sigma2_B]` (Algorithm 2,
+    lines 9-11; the biased `E_B[sigma2_B]` for Keras's layer or `unbiased_variance=False`, as each
+    layer's own moving average does). Batches are weighted by their number of examples, which is the
+    paper's plain average when they all have the same size. No trainable weight changes, and every
+    other non-trainable variable (dropout seeds, renorm's training statistics) is restored. If
+    anything fails midway, the model is left exactly as it was.
+
+    BN layers with `trainable=False` are frozen on purpose (fine-tuning) and are left as they are.
+    Other training-mode behaviour (dropout) is active during the pass, as in training.
+
+    Args:
+        model: A built Keras model containing BN layers.
+        data: Training inputs: a NumPy array or tensor (split into batches of `batch_size`), a
+            tuple `(x, y)` or `(x, y, sample_weight)` of arrays as `model.fit` takes them (only `x`
+            is used), a dict of arrays for a model with named inputs, or any iterable of batches
+            (a `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator, a list) whose elements are
+            `x` or `(x, y[, sample_weight])`.
+        steps: Number of batches to use; `None` uses all of `data` (an iterable that never ends
+            needs `steps`).
+        batch_size: Batch size for array inputs; the paper's mini-batch size m. Ignored for
+            iterables.
+        verbose: `"auto"` or 1 shows a `keras.utils.Progbar`; 0 is silent.
+
+    Returns:
+        The number of batches used.
+
+    Raises:
+        ValueError: if the model has no trainable BN layer, is not built, `data` yields no batch,
+            or an argument is out of range.
+
+    Reference:
+        [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167), Algorithm 2.
+
+    Example:
+
+    >>> keras_bn.estimate_population_statistics(model, x_train, batch_size=64)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} is not built: call it on data or give it an Input.")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"`steps` must be a positive integer or None. Received: steps={steps!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False)  # nested models included
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.built
+    ]
+    frozen = [layer.name for layer in layers if not layer.trainable]
+    layers = [layer for layer in layers if layer.trainable]
+    if not layers:
+        raise ValueError(
+            f"Model {model.name!r} has no trainable BatchNormalization layer to estimate "
+            f"population statistics for (frozen ones: {frozen or 'none'})."
+        )
+
+    saved_values = [ops.convert_to_numpy(v) for v in model.non_trainable_variables]
+    saved_momenta = [layer.momentum for layer in layers]
+    sums = [[0.0, 0.0] for _ in layers]
+    examples = 0
+    used = 0
+    try:
+        for layer in layers:
+            # With momentum 0 a training step leaves exactly this batch's statistics in the
+            # moving variables (mu_B, and sigma2_B with the layer's own variance convention).
+            layer.momentum = 0.0
+        forward = _training_forward(model)
+        total = steps if steps is not None else _length(data, batch_size)
+        progbar = keras.utils.Progbar(total, verbose=0 if verbose == 0 else 1, unit_name="batch")
+        for x in _batches(data, batch_size):
+            if steps is not None and used >= steps:
+                break
+            forward(x)
+            size = _batch_length(x)
+            for layer, sum_ in zip(layers, sums):
+                sum_[0] = sum_[0] + size * ops.convert_to_numpy(layer.moving_mean).astype("float64")
+                sum_[1] = sum_[1] + size * ops.convert_to_numpy(layer.moving_variance).astype(
+                    "float64"
+                )
+            examples += size
+            used += 1
+            progbar.update(used)
+        if not used:
+            raise ValueError("`data` yielded no batch: population statistics need training data.")
+    except BaseException:
+        _restore(model, saved_values)
+        raise
+    finally:
+        for layer, momentum in zip(layers, saved_momenta):
+            layer.momentum = momentum
+
+    _restore(model, saved_values)
+    for layer, (mean_sum, variance_sum) in zip(layers, sums):
+        mean, variance = mean_sum / examples, variance_sum / examples
+        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+        if getattr(layer, "renorm", False):
+            stddev = np.sqrt(variance + layer.epsilon)
+            layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
+    logger.info(
+        "Estimated population statistics of %d BatchNormalization layers over %d batches "
+        "(%d examples)%s.",
+        len(layers),
+        used,
+        examples,
+        f"; left {len(frozen)} frozen layers as they were" if frozen else "",
+    )
+    return used
+
+
+def _training_forward(model):
+    """A function that runs `model` in training mode on a batch, compiled where the backend can."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: model(x, training=True), reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def stateless_forward(trainable_values, non_trainable_values, x):
+            return model.stateless_call(trainable_values, non_trainable_values, x, training=True)[1]
+
+        def forward(x):
+            values = stateless_forward(
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                x,
+            )
+            for variable, value in zip(model.non_trainable_variables, values):
+                variable.assign(value)
+
+        return forward
+    if backend == "torch":
+        import torch
+
+        def forward(x):
+            with torch.no_grad():
+                model(x, training=True)
+
+        return forward
+    return lambda x: model(x, training=True)
+
+
+def _restore(model, values):
+    for variable, value in zip(model.non_trainable_variables, values):
+        variable.assign(value)
+
+
+def _is_array(data):
+    return isinstance(data, np.ndarray) or ops.is_tensor(data)
+
+
+def _batches(data, batch_size):
+    """Yields the model inputs `x` of each batch of `data` (see `estimate_population_statistics`)."""
+    if isinstance(data, tuple) and data and all(_is_array(item) for item in data):
+        data = data[0]  # (x, y[, sample_weight]) arrays, as model.fit takes them
+    if _is_array(data) or (isinstance(data, dict) and all(map(_is_array, data.values()))):
+        length = _batch_length(data)
+        for start in range(0, length, batch_size):
+            yield keras.tree.map_structure(lambda a: a[start : start + batch_size], data)
+        return
+    if isinstance(data, keras.utils.PyDataset):
+        data = (data[index] for index in range(len(data)))
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(
+            "`data` must be an array, a tuple (x, y) of arrays, a dict of arrays or an iterable of "
+            f"batches. Received: {type(data).__name__}"
+        ) from None
+    for element in iterator:
+        yield element[0] if isinstance(element, tuple) else element
+
+
+def _batch_length(x):
+    return int(keras.tree.flatten(x)[0].shape[0])
+
+
+def _length(data, batch_size):
+    """The number of batches in `data` when it is known, else None (the progress bar then counts)."""
+    if isinstance(data, tuple) and data and all(_is_array(item) for item in data):
+        data = data[0]
+    if _is_array(data) or isinstance(data, dict):
+        return -(-_batch_length(data) // batch_size)
+    try:
+        return len(data)
+    except TypeError:
+        return None
