@@ -1,0 +1,319 @@
+"""The graph rewrite: find the BN layers that fold, and build a new model without them.
+
+One pass per Functional or Sequential graph (nested models get their own pass, recursively):
+
+1. plan: for each BN node, fold it into the layer before it (conv/dense -> BN), else into the
+   layer after it (BN -> conv where that is exact), else leave it and say why;
+2. rebuild: `keras.models.clone_model` with fresh layers (the original is never touched), in
+   which a folded BN passes its input through and the layers that absorb BN get a bias;
+3. weights: copy every layer's weights, and write the folded ones computed in float64 by
+   `layouts`/`arrays`.
+"""
+
+import collections
+import logging
+
+import keras
+from keras.src.models.functional import Functional
+
+from keras_bn.folding import layouts
+from keras_bn.folding.layouts import describe
+from keras_bn.folding.report import FoldReport
+from keras_bn.folding.verification import verify_outputs
+
+logger = logging.getLogger(__name__)
+
+
+def fold_batchnorm(model, verify=True, tolerance=None):
+    """Fold every inference-mode BN of `model` into a neighbouring linear layer.
+
+    In inference BN is the fixed map `y = a * x + b` per channel (Algorithm 2 of the paper), so
+    a conv or dense layer next to it can carry it: after the layer, `W' = a * W` per output
+    channel and `bias' = a * bias + b`; before it, `W' = W * a` per input channel and the shift
+    goes into the bias. The folded model computes the same function with fewer layers.
+
+    Folds BN after Conv1D/2D/3D (groups, dilation, strides, either data format),
+    DepthwiseConv1D/2D, SeparableConv1D/2D (into the pointwise kernel), Conv1D/2D/3DTranspose
+    and Dense (inputs of any rank); and BN before a conv, depthwise, separable or dense layer
+    where that is exact (VALID padding or a kernel of size 1). A BN is left, with the reason in
+    the report, when its layer has a non-linear activation, when that layer's output has
+    another consumer, when that layer is called more than once, when BN's axis is not the
+    layer's channel axis, or when BN is fed by anything else (Add, Concatenate, an input).
+
+    Args:
+        model: a built Functional or Sequential `keras.Model`; nested Functional/Sequential
+            models are folded inside. Keras's and keras_bn's BatchNormalization both fold.
+        verify: run both models on one random batch in inference mode and raise `ValueError`
+            if `max|folded - original| > tolerance * max(1, max|original|)`.
+        tolerance: the relative tolerance of `verify`; None picks one for the model's compute
+            dtype (1e-4 for float32, 1e-2 for float16, 5e-2 for bfloat16).
+
+    Returns:
+        A new model with the same inputs, outputs and layer names (less the folded BN). Its
+        attribute `fold_report` is a `keras_bn.FoldReport`: what folded into what, what was
+        left and why, and the verification error. The original model is unchanged.
+
+    Example:
+
+    ```python
+    model = keras.applications.ResNet50(weights=None)
+    folded = keras_bn.fold_batchnorm(model)
+    print(folded.fold_report)   # folded 53 of 53 BatchNormalization layers ...
+    ```
+    """
+    _check_graph_model(model, "model")
+    folded_model, report = _fold_graph(model, prefix="")
+    if verify:
+        verify_outputs(model, folded_model, report, tolerance)
+    folded_model.fold_report = report
+    logger.info(report.summary_line())
+    logger.debug("%s", report)
+    return folded_model
+
+
+def _check_graph_model(model, what):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"fold_batchnorm() expects a keras.Model. Received: {what} of type "
+            f"{type(model).__name__}."
+        )
+    if not isinstance(model, (Functional, keras.Sequential)):
+        raise TypeError(
+            "fold_batchnorm() can only rewrite Functional and Sequential models, whose layer "
+            f"graph is known; {what} {model.name!r} is a subclassed model "
+            f"({type(model).__name__}), whose call() is arbitrary Python. Rebuild it with the "
+            "Functional API, or fold its BN layers by hand with keras_bn.folding.inference_affine."
+        )
+    if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None:
+        raise ValueError(
+            f"Sequential model {model.name!r} has no known input shape, so its graph cannot be "
+            "rewritten. Start it with keras.Input(shape) or call model.build(input_shape)."
+        )
+
+
+class _Graph:
+    """The nodes of one Functional graph, and who consumes what inside it."""
+
+    def __init__(self, model):
+        functional = model._functional if isinstance(model, keras.Sequential) else model
+        depths = sorted(functional._nodes_by_depth, reverse=True)
+        self.nodes = [node for depth in depths for node in functional._nodes_by_depth[depth]]
+        self.calls = collections.Counter(id(node.operation) for node in self.nodes)
+        self.consumers = collections.defaultdict(list)
+        for node in self.nodes:
+            for tensor in node.input_tensors:
+                self.consumers[id(tensor)].append(node)
+        self.outputs = {id(tensor) for tensor in functional.outputs}
+
+    def why_not_single_consumer(self, tensor, layer, expected_node):
+        """Why `tensor` (an output of `layer`) goes elsewhere than `expected_node`; or None."""
+        if id(tensor) in self.outputs:
+            return f"the output of {describe(layer)} is also a model output"
+        others = [node for node in self.consumers[id(tensor)] if node is not expected_node]
+        if others:
+            names = ", ".join(sorted({node.operation.name for node in others}))
+            return f"the output of {describe(layer)} also feeds {names}"
+        return None
+
+    def why_shared(self, layer):
+        if self.calls[id(layer)] > 1:
+            return (
+                f"{describe(layer)} is called {self.calls[id(layer)]} times in the model "
+                "(shared weights), and folding would change every call"
+            )
+        return None
+
+
+class _Plan:
+    """What one graph's rewrite does: the BN removed and the layers that absorb them."""
+
+    def __init__(self):
+        self.removed = set()  # id() of the BN layers that fold
+        self.before = {}  # id(layer) -> (a, b) of the BN in front of it
+        self.after = {}  # id(layer) -> (a, b) of the BN behind it
+        self.folded, self.folded_before, self.left = [], [], []
+
+    def absorbs(self, layer):
+        return id(layer) in self.before or id(layer) in self.after
+
+    def new_weights(self, layer):
+        """The folded float64 weights: the BN in front first, then the BN behind."""
+        weights = layouts.read_weights(layer)
+        if id(layer) in self.before:
+            weights = layouts.fold_before(layer, weights, *self.before[id(layer)])
+        if id(layer) in self.after:
+            weights = layouts.fold_after(layer, weights, *self.after[id(layer)])
+        return weights
+
+
+def _plan(model, prefix):
+    graph = _Graph(model)
+    plan = _Plan()
+    seen = set()
+    for node in graph.nodes:
+        layer = node.operation
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            _plan_batchnorm(node, graph, plan, prefix)
+        elif not isinstance(layer, (Functional, keras.Sequential)):
+            # BN inside a custom layer or a subclassed model: its call() is Python we cannot
+            # rewrite, so the BN stays; say so rather than miss it in the count.
+            for inner in layer._flatten_layers(include_self=False, recursive=True):
+                if isinstance(inner, keras.layers.BatchNormalization):
+                    plan.left.append((
+                        f"{prefix}{layer.name}/{inner.name}",
+                        f"inside {describe(layer)}, which is not a Functional or Sequential "
+                        "graph; only those can be rewritten",
+                    ))
+    return plan
+
+
+def _plan_batchnorm(node, graph, plan, prefix):
+    bn = node.operation
+    name = prefix + bn.name
+    reason = graph.why_shared(bn)
+    if reason is None and node.arguments.kwargs.get("training") is True:
+        reason = f"{describe(bn)} is called with training=True, so it never runs in inference"
+    if reason is not None:
+        plan.left.append((name, reason))
+        return
+    affine = layouts.inference_affine(bn)
+    producer, why_not_after = _producer(node, graph)
+    if why_not_after is None:
+        plan.removed.add(id(bn))
+        plan.after[id(producer)] = affine
+        plan.folded.append((name, prefix + producer.name))
+        return
+    consumer, why_not_before = _consumer(node, graph)
+    if why_not_before is None:
+        plan.removed.add(id(bn))
+        plan.before[id(consumer)] = affine
+        plan.folded.append((name, prefix + consumer.name))
+        plan.folded_before.append(name)
+        return
+    plan.left.append((
+        name,
+        f"not into the layer before ({why_not_after}), nor into the layer after "
+        f"({why_not_before})",
+    ))
+
+
+def _producer(bn_node, graph):
+    """The layer BN folds into as conv -> BN, or None and the reason it cannot."""
+    tensor = bn_node.input_tensors[0]
+    producer = tensor._keras_history.operation
+    if producer is None or isinstance(producer, keras.layers.InputLayer):
+        return None, "it is fed by a model input"
+    if isinstance(producer, (Functional, keras.Sequential)):
+        return None, f"it is fed by nested model {producer.name!r}; folds stay inside a model"
+    if layouts.layout(producer) is None:
+        return None, f"it is fed by {describe(producer)}, which has no weights to absorb BN"
+    reason = graph.why_shared(producer) or graph.why_not_single_consumer(
+        tensor, producer, bn_node
+    )
+    if reason is None:
+        reason = _why_other_axis(bn_node, producer, len(tensor.shape)) or layouts.why_not_after(
+            producer
+        )
+    return (producer, None) if reason is None else (None, reason)
+
+
+def _consumer(bn_node, graph):
+    """The layer BN folds into as BN -> conv, or None and the reason it cannot."""
+    tensor = bn_node.outputs[0]
+    if id(tensor) in graph.outputs:
+        return None, "its output is a model output"
+    users = graph.consumers[id(tensor)]
+    if len(users) != 1:
+        names = ", ".join(sorted({node.operation.name for node in users}))
+        return None, f"its output feeds {len(users)} layers ({names})"
+    consumer = users[0].operation
+    if layouts.layout(consumer) is None:
+        return None, f"it feeds {describe(consumer)}, which has no weights to absorb BN"
+    reason = graph.why_shared(consumer)
+    if reason is None:
+        reason = _why_other_axis(bn_node, consumer, len(tensor.shape)) or layouts.why_not_before(
+            consumer
+        )
+    return (consumer, None) if reason is None else (None, reason)
+
+
+def _why_other_axis(bn_node, layer, rank):
+    bn = bn_node.operation
+    bn_axis = bn.axis % rank
+    layer_axis = layouts.channel_axis(layer, rank)
+    if bn_axis != layer_axis:
+        return (
+            f"BN normalizes axis {bn_axis} but the channels of {describe(layer)} are on axis "
+            f"{layer_axis}"
+        )
+    return None
+
+
+def _fold_graph(model, prefix):
+    """The folded copy of a Functional/Sequential `model`, and its FoldReport."""
+    plan = _plan(model, prefix)
+    report = FoldReport(model.name, plan.folded, plan.folded_before, plan.left)
+    clones = []
+
+    def clone_function(layer):
+        if id(layer) in plan.removed:
+            return layer  # never called: call_function passes its input through
+        if isinstance(layer, (Functional, keras.Sequential)):
+            new_layer, inner = _fold_graph(layer, f"{prefix}{layer.name}/")
+            report.folded += inner.folded
+            report.folded_before += inner.folded_before
+            report.left += inner.left
+        else:
+            new_layer = _clone_layer(layer, with_bias=plan.absorbs(layer))
+        clones.append((layer, new_layer))
+        return new_layer
+
+    def call_function(layer, *args, **kwargs):
+        if id(layer) in plan.removed:
+            return args[0]
+        return layer(*args, **kwargs)
+
+    if isinstance(model, keras.Sequential):
+        new_model = _rebuild_sequential(model, plan, clone_function)
+    else:
+        new_model = keras.models.clone_model(
+            model, clone_function=clone_function, call_function=call_function
+        )
+    for layer, new_layer in clones:
+        if isinstance(layer, (Functional, keras.Sequential)):
+            continue  # its own _fold_graph set its weights
+        if plan.absorbs(layer):
+            layouts.write_weights(new_layer, plan.new_weights(layer))
+        else:
+            new_layer.set_weights(layer.get_weights())
+    return new_model, report
+
+
+def _rebuild_sequential(model, plan, clone_function):
+    old_input = model._functional.inputs[0]
+    new_input = keras.Input(
+        batch_shape=old_input.shape,
+        dtype=old_input.dtype,
+        name=old_input._keras_history.operation.name,
+    )
+    layers = [clone_function(layer) for layer in model.layers if id(layer) not in plan.removed]
+    new_model = keras.Sequential([new_input, *layers], name=model.name, trainable=model.trainable)
+    if model.compiled:
+        new_model.compile_from_config(model.get_compile_config())
+    return new_model
+
+
+def _clone_layer(layer, with_bias):
+    try:
+        if with_bias:
+            return layouts.with_bias(layer)
+        return layer.__class__.from_config(layer.get_config())
+    except Exception as error:  # a custom layer whose config does not round-trip
+        raise ValueError(
+            f"fold_batchnorm() copies every layer from its config, and {describe(layer)} "
+            f"could not be re-created with {type(layer).__name__}.from_config(get_config()): "
+            f"{error}. Give the layer a get_config() that round-trips."
+        ) from error
