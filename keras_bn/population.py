@@ -182,14 +182,15 @@ def _batches(data, batch_size):
             yield keras.tree.map_structure(lambda a: a[start : start + batch_size], data)
         return
     if isinstance(data, keras.utils.PyDataset):
-        data = (data[index] for index in range(len(data)))
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(
-            "`data` must be an array, a tuple (x, y) of arrays, a dict of arrays or an iterable of "
-            f"batches. Received: {type(data).__name__}"
-        ) from None
+        iterator = (data[index] for index in range(len(data)))
+    else:
+        try:
+            iterator = iter(data)
+        except TypeError:
+            raise TypeError(
+                "`data` must be an array, a tuple (x, y) of arrays, a dict of arrays or an "
+                f"iterable of batches. Received: {type(data).__name__}"
+            ) from None
     for element in iterator:
         yield element[0] if isinstance(element, tuple) else element
 
