@@ -174,7 +174,7 @@ def _plan_batchnorm(node, graph, plan, prefix):
     bn = node.operation
     name = prefix + bn.name
     reason = graph.why_shared(bn)
-    if reason is None and node.arguments.kwargs.get("training") is True:
+    if reason is None and node.arguments.kwargs.get("training") is True and bn.trainable:
         reason = f"{describe(bn)} is called with training=True, so it never runs in inference"
     if reason is not None:
         plan.left.append((name, reason))

@@ -27,6 +27,8 @@ def random_batch(model, seed=0):
             batch.append(rng.integers(0, 2, shape).astype(bool))
         else:
             batch.append(rng.integers(0, 2, shape).astype(dtype))
+    if isinstance(model, keras.Sequential):
+        return batch[0]  # one input, and Sequential.input is only known once called
     return keras.tree.pack_sequence_as(model.input, batch)
 
 
