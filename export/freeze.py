@@ -1,0 +1,263 @@
+"""Freeze a Keras model for inference: fold what folds, a constant affine for the rest.
+
+At inference a Batch Normalization layer is the per-channel affine map of Algorithm 2, line 11
+(Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167):
+
+    y = gamma / sqrt(Var[x] + eps) * x + (beta - gamma * E[x] / sqrt(Var[x] + eps)) = a * x + b
+
+`keras_bn.fold_batchnorm` moves `a` and `b` into the weights of the layer before the BN where that
+is exact. Every BN it leaves (after an `Add`, a pooling, an input ...) becomes a `FrozenAffine`
+holding the constants `a` and `b`, so the exported graph keeps one `Mul` and one `Add` for it and
+no normalization arithmetic (`Sub`, `Div`, `Sqrt`, `Rsqrt`). Training-only layers (dropout, noise,
+activity regularization) become `Identity` and every `training=` argument recorded in the graph is
+dropped, so the frozen model computes the same thing whatever it is called with.
+"""
+
+import dataclasses
+import logging
+
+import keras
+import numpy as np
+from keras import ops
+
+import keras_bn
+
+logger = logging.getLogger(__name__)
+
+# Layers that are the identity at inference and only act when `training=True`.
+TRAINING_ONLY_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class FrozenAffine(keras.layers.Layer):
+    """A per-channel affine map with constant coefficients: `y = scale * x + offset`.
+
+    What an inference-mode Batch Normalization layer computes (Algorithm 2, line 11), with
+    `scale = gamma / sqrt(moving_variance + epsilon)` and
+    `offset = beta - moving_mean * scale` computed once from the population statistics.
+    `export.freeze` puts one in place of every BN that cannot be folded into the layer before it.
+    The coefficients are non-trainable weights, so the layer saves and loads with `.keras` files.
+
+    Args:
+        axis: Integer, the channel axis the coefficients apply to. Defaults to `-1`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`).
+
+    Call arguments:
+        inputs: A tensor whose `axis` dimension is the number of channels.
+
+    Reference:
+        [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167), Algorithm 2.
+
+    Example:
+
+    >>> layer = FrozenAffine(axis=-1)
+    >>> layer.build((None, 3))
+    >>> layer.set_weights([np.array([1.0, 2.0, 3.0]), np.zeros(3)])
+    """
+
+    def __init__(self, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise TypeError(
+                f"FrozenAffine expects an integer `axis`. Received: axis={axis!r}"
+            )
+        self.axis = axis
+        self.supports_masking = True
+        self.scale = None
+        self.offset = None
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(
+                f"FrozenAffine axis {self.axis} is out of range for inputs of rank {ndim}. "
+                f"Received: input_shape={input_shape}"
+            )
+        axis = self.axis % ndim
+        channels = input_shape[axis]
+        if channels is None:
+            raise ValueError(
+                "FrozenAffine needs a known number of channels on its axis. "
+                f"Received: axis={self.axis}, input_shape={input_shape}"
+            )
+        self.input_spec = keras.InputSpec(ndim=ndim, axes={axis: channels})
+        self.scale = self.add_weight(
+            shape=(channels,), name="scale", initializer="ones", trainable=False,
+            autocast=False,
+        )
+        self.offset = self.add_weight(
+            shape=(channels,), name="offset", initializer="zeros", trainable=False,
+            autocast=False,
+        )
+        # Broadcast the coefficients along `axis`; a channels-last layer needs no reshape.
+        self._broadcast_shape = None if axis == ndim - 1 else [
+            channels if i == axis else 1 for i in range(ndim)
+        ]
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        scale = ops.cast(self.scale, "float32")
+        offset = ops.cast(self.offset, "float32")
+        if self._broadcast_shape is not None:
+            scale = ops.reshape(scale, self._broadcast_shape)
+            offset = ops.reshape(offset, self._broadcast_shape)
+        return ops.cast(x * scale + offset, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
+
+
+@dataclasses.dataclass
+class FreezeReport:
+    """What `freeze` did to each layer, by name.
+
+    Attributes:
+        folded: `(bn_name, producer_name)` pairs folded by `keras_bn.fold_batchnorm`.
+        frozen: `(bn_name, reason)` pairs: BN layers replaced by a `FrozenAffine`, with the reason
+            folding gave for leaving them.
+        removed: names of training-only layers (dropout, noise) replaced by `Identity`.
+        fold_max_error: the largest difference `fold_batchnorm` measured between the folded and
+            the original model, or `None` when folding was skipped or not verified.
+    """
+
+    folded: list = dataclasses.field(default_factory=list)
+    frozen: list = dataclasses.field(default_factory=list)
+    removed: list = dataclasses.field(default_factory=list)
+    fold_max_error: float = None
+
+
+def freeze(model, fold=True, verify=True):
+    """Return an inference-only copy of `model`, its BN folded or frozen into constants.
+
+    Steps: `keras_bn.fold_batchnorm(model, verify=verify)` folds every BN that directly follows a
+    foldable layer; every remaining BN (ours or Keras's) becomes a `FrozenAffine` with the constants
+    of Algorithm 2, line 11; dropout and noise layers become `Identity`; `training=` arguments
+    recorded in the graph are dropped. The input model is not modified; the result shares no
+    weights with it and carries a `freeze_report` (`FreezeReport`).
+
+    Args:
+        model: a built Functional or Sequential `keras.Model` (nested Functional/Sequential models
+            are frozen too).
+        fold: fold BN into the preceding layer first (`True`), or only freeze (`False`: every BN
+            becomes a `FrozenAffine`, which ONNX runtimes may still fuse into a neighbouring
+            convolution).
+        verify: passed to `fold_batchnorm`, which then checks the folded model against the
+            original on random inputs.
+
+    Returns:
+        A new `keras.Model` with a `freeze_report` attribute.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`.
+        ValueError: the model is subclassed, not built, or hides a BN inside a custom layer
+            where it cannot be replaced.
+    """
+    _check_model(model, "freeze")
+    report = FreezeReport()
+    source = model
+    if fold and _batch_normalizations(model):
+        source = keras_bn.fold_batchnorm(model, verify=verify)
+        fold_report = source.fold_report
+        report.folded = [tuple(pair) for pair in fold_report.folded]
+        report.fold_max_error = fold_report.max_error
+        left_reasons = dict(fold_report.left)
+    else:
+        left_reasons = {}
+
+    originals = {}
+
+    def clone_layer(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            frozen = FrozenAffine(axis=layer.axis, name=layer.name, dtype=layer.dtype_policy)
+            scale, offset = inference_affine(layer)
+            originals[id(frozen)] = (frozen, [scale.astype("float32"), offset.astype("float32")])
+            reason = left_reasons.get(layer.name, "folding skipped (fold=False)" if not fold
+                                      else "not folded")
+            report.frozen.append((layer.name, reason))
+            return frozen
+        if isinstance(layer, TRAINING_ONLY_LAYERS):
+            report.removed.append(layer.name)
+            return keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+        copy = layer.__class__.from_config(layer.get_config())
+        originals[id(copy)] = (copy, layer.get_weights())
+        return copy
+
+    def call_without_training(layer, *args, **kwargs):
+        kwargs.pop("training", None)
+        return layer(*args, **kwargs)
+
+    call_function = None if isinstance(source, keras.Sequential) else call_without_training
+    frozen_model = keras.models.clone_model(
+        source, clone_function=clone_layer, call_function=call_function, recursive=True
+    )
+    for layer, weights in originals.values():
+        layer.set_weights(weights)
+
+    left = [layer.name for layer in _batch_normalizations(frozen_model)]
+    if left:
+        raise ValueError(
+            f"freeze could not replace the BatchNormalization layer(s) {left}: they sit inside a "
+            "custom layer or subclassed model whose graph cannot be rewritten. Build the model "
+            "from Functional or Sequential parts, or fold those layers by hand."
+        )
+    frozen_model.freeze_report = report
+    logger.info(
+        "freeze: %d BN folded, %d frozen to constants, %d training-only layers removed",
+        len(report.folded), len(report.frozen), len(report.removed),
+    )
+    return frozen_model
+
+
+def _check_model(model, caller):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{caller} expects a keras.Model (Functional or Sequential). "
+            f"Received: {type(model).__name__}"
+        )
+    if not isinstance(model, keras.Sequential) and not _is_functional(model):
+        raise ValueError(
+            f"{caller} needs a Functional or Sequential model, whose graph it can rewrite. "
+            f"Received a subclassed model of type {type(model).__name__}. Rebuild it with "
+            "keras.Input and the functional API (or keras.Sequential)."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"{caller} needs a model with known inputs. Received the unbuilt model "
+            f"'{model.name}'; give it a keras.Input (or call model.build(input_shape))."
+        )
+
+
+def _is_functional(model):
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def _batch_normalizations(model):
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def inference_affine(bn):
+    """`(a, b)` in float64 with `bn(x, training=False) == a * x + b` (Algorithm 2, line 11)."""
+    # TEMPORARY: replaced by keras_bn.folding.inference_affine once folding lands.
+    variance = np.asarray(bn.moving_variance, dtype=np.float64)
+    mean = np.asarray(bn.moving_mean, dtype=np.float64)
+    gamma = np.asarray(bn.gamma, dtype=np.float64) if bn.scale else np.ones_like(mean)
+    beta = np.asarray(bn.beta, dtype=np.float64) if bn.center else np.zeros_like(mean)
+    a = gamma / np.sqrt(variance + bn.epsilon)
+    return a, beta - mean * a

@@ -1,0 +1,503 @@
+"""Convert a frozen Keras model to ONNX with tf2onnx, check it, verify it, write it atomically.
+
+The module is named `onnx_export` rather than `onnx` so that no path setup can ever make it shadow
+the `onnx` package that tf2onnx and this module import.
+"""
+
+import collections
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+from export.freeze import _check_model, freeze
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 writes opsets up to 18
+DEFAULT_OPSET = 17
+FLOAT32_TOLERANCE = 1e-4
+FLOAT16_TOLERANCE = 1e-2
+PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX file cannot exceed protobuf's 2 GiB
+
+
+class VerificationError(RuntimeError):
+    """onnxruntime's outputs differ from Keras's by more than the tolerance; nothing was written."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What `to_onnx` wrote and measured.
+
+    Attributes:
+        path: the ONNX file written.
+        opset: the ONNX opset of the graph.
+        node_counts: `{op_type: count}` over the graph's nodes, most frequent first.
+        max_error: largest `max|onnxruntime - keras| / max|keras|` over outputs and batch sizes,
+            or `None` when `verify=False`.
+        batch_sizes: the batch sizes verified.
+        input_names, output_names: the graph's input and output names, in the model's order.
+        channels_first: whether rank-4 inputs are NCHW.
+        float16_weights: whether weights are stored as float16.
+        folded, frozen, removed: from `export.freeze` (see `FreezeReport`).
+        file_size: bytes written.
+        seconds: wall time of the whole export.
+    """
+
+    path: str
+    opset: int
+    node_counts: dict
+    max_error: float
+    batch_sizes: tuple
+    input_names: list
+    output_names: list
+    channels_first: bool
+    float16_weights: bool
+    folded: list
+    frozen: list
+    removed: list
+    file_size: int
+    seconds: float
+
+    @property
+    def num_nodes(self):
+        return sum(self.node_counts.values())
+
+    def summary(self):
+        """A few lines for people: what was folded or frozen, the graph, the error, the file."""
+        nodes = ", ".join(f"{op} {n}" for op, n in self.node_counts.items())
+        error = ("not verified" if self.max_error is None else
+                 f"{self.max_error:.2e} (batch sizes {', '.join(map(str, self.batch_sizes))})")
+        return "\n".join([
+            f"wrote {self.path} ({self.file_size / 2**20:.2f} MiB, opset {self.opset}, "
+            f"{self.seconds:.1f} s)",
+            f"BatchNormalization: {len(self.folded)} folded, {len(self.frozen)} frozen to "
+            f"Mul+Add; {len(self.removed)} training-only layers removed",
+            f"nodes: {self.num_nodes} ({nodes})",
+            f"max error vs Keras: {error}",
+        ])
+
+
+def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=None,
+            channels_first=False, float16_weights=False, fold=True, verify=True,
+            batch_sizes=(1, 3), tolerance=None, seed=0):
+    """Freeze `model`, convert it to ONNX with tf2onnx, check it, verify it, and write `path`.
+
+    The graph takes a dynamic batch dimension. With `verify=True` the file is written only after
+    onnxruntime has reproduced Keras's `model(x, training=False)` on random inputs at every batch
+    size in `batch_sizes`, within `tolerance` relative to the largest output magnitude. The write
+    is atomic: a temporary file in the same folder, renamed onto `path` once complete, so `path`
+    never holds a partial file and an existing file is left alone when anything fails.
+
+    Args:
+        model: a `keras.Model` (Functional or Sequential), or the path of a `.keras` file, which
+            may have been saved under any backend: it is loaded here under TensorFlow.
+        path: where to write the `.onnx` file.
+        opset: ONNX opset, 13 to 18.
+        input_names: names of the graph inputs, one per model input; defaults to the names of the
+            model's `keras.Input`s.
+        output_names: names of the graph outputs, one per model output; defaults to
+            `model.output_names`.
+        channels_first: make every rank-4 input NCHW (for consumers that feed channels-first
+            images); the model itself stays channels-last and the transposes cancel inside the
+            graph.
+        float16_weights: store floating-point weights as float16 (half the file), each followed by a
+            `Cast` to float32 that onnxruntime folds away at load; arithmetic stays float32.
+        fold: fold BN into the preceding layer before freezing (see `export.freeze`).
+        verify: check with onnxruntime against Keras (recommended; `False` skips it).
+        batch_sizes: the batch sizes verified; at least two different sizes prove the batch
+            dimension is dynamic.
+        tolerance: largest accepted relative error; defaults to 1e-4 (1e-2 with float16 weights).
+        seed: seed of the random verification inputs.
+
+    Returns:
+        An `ExportResult`.
+
+    Raises:
+        FileNotFoundError: `model` is a path that does not exist.
+        ValueError: an argument is out of range, the file is not a Keras model, or the model
+            cannot be exported (subclassed, unknown input shapes, operations tf2onnx cannot
+            convert).
+        TypeError: `model` is neither a `keras.Model` nor a path.
+        OSError: `path` cannot be written.
+        VerificationError: onnxruntime disagrees with Keras; no file is written.
+        RuntimeError: the Keras backend is not TensorFlow.
+    """
+    start = time.perf_counter()
+    _require_tensorflow_backend()
+    opset = _check_opset(opset)
+    batch_sizes = _check_batch_sizes(batch_sizes)
+    if tolerance is None:
+        tolerance = FLOAT16_TOLERANCE if float16_weights else FLOAT32_TOLERANCE
+    if not float(tolerance) > 0:
+        raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")
+    path = _check_output_path(path)
+    model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    _check_model(model, "to_onnx")
+    inputs = _input_specs(model, input_names)
+    output_names = _output_names(model, output_names)
+    clashes = sorted({spec.name for spec in inputs} & set(output_names))
+    if clashes:
+        raise ValueError(f"input and output names must differ. Received both: {clashes}")
+    _check_size(model)
+
+    frozen = freeze(model, fold=fold, verify=verify)
+    nchw = [spec.name for spec in inputs if channels_first and len(spec.shape) == 4]
+    if channels_first and not nchw:
+        raise ValueError(
+            "channels_first=True transposes rank-4 (image) inputs to NCHW, but this model has "
+            f"none. Received input shapes: {[tuple(spec.shape) for spec in inputs]}"
+        )
+    proto = _convert(frozen, inputs, output_names, opset, nchw)
+    if float16_weights:
+        _store_weights_as_float16(proto)
+    _check_graph(proto)
+    data = proto.SerializeToString()
+
+    max_error = None
+    if verify:
+        max_error = _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed)
+    _write_atomically(data, path)
+    report = frozen.freeze_report
+    result = ExportResult(
+        path=path, opset=opset,
+        node_counts=dict(collections.Counter(n.op_type for n in proto.graph.node).most_common()),
+        max_error=max_error, batch_sizes=batch_sizes if verify else (),
+        input_names=[spec.name for spec in inputs], output_names=list(output_names),
+        channels_first=bool(channels_first), float16_weights=bool(float16_weights),
+        folded=report.folded, frozen=report.frozen, removed=report.removed,
+        file_size=len(data), seconds=time.perf_counter() - start,
+    )
+    logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
+    return result
+
+
+def load_model(path):
+    """Load a `.keras` file under the current (TensorFlow) backend, whichever backend saved it."""
+    import keras_bn  # noqa: F401  registers keras_bn.BatchNormalization
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such model file: {path}")
+    if os.path.isdir(path) or not path.endswith(".keras"):
+        raise ValueError(
+            f"expected a Keras 3 model file ending in .keras. Received: {path} (SavedModel "
+            "folders and legacy .h5 files are not supported: load them and call "
+            "model.save('model.keras') first)"
+        )
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # a corrupt or foreign file fails in many ways inside Keras
+        raise ValueError(f"could not load {path} as a Keras model: {_one_line(error)}") from error
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a keras.Model")
+    return model
+
+
+def _require_tensorflow_backend():
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            "to_onnx converts through tf2onnx and needs KERAS_BACKEND=tensorflow. Received backend "
+            f"'{backend}'. Save the model with model.save('model.keras') and run "
+            "`keras-bn-export model.keras -o model.onnx`, which loads it under TensorFlow."
+        )
+
+
+def _check_opset(opset):
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not (
+            MIN_OPSET <= opset <= MAX_OPSET):
+        raise ValueError(
+            f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}. Received: opset={opset!r}"
+        )
+    return int(opset)
+
+
+def _check_batch_sizes(batch_sizes):
+    try:
+        sizes = tuple(int(size) for size in batch_sizes)
+    except (TypeError, ValueError):
+        sizes = ()
+    if len(set(sizes)) < 2 or min(sizes) < 1:
+        raise ValueError(
+            "batch_sizes must hold at least two different positive sizes, which show the batch "
+            f"dimension is dynamic. Received: batch_sizes={batch_sizes!r}"
+        )
+    return sizes
+
+
+def _check_output_path(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike. Received: {type(path).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise OSError(f"cannot write {path}: it is a directory")
+    if not os.path.isdir(folder):
+        raise OSError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write {path}: no permission to write in {folder}")
+    return path
+
+
+@dataclasses.dataclass
+class _InputSpec:
+    name: str
+    shape: tuple  # with None for the batch dimension
+    dtype: str
+
+
+def _input_specs(model, names):
+    tensors = list(model.inputs)
+    if names is None:
+        names = [_onnx_name(tensor.name, f"input_{i}") for i, tensor in enumerate(tensors)]
+    names = _check_names(names, len(tensors), "input_names", "input")
+    specs = []
+    for name, tensor in zip(names, tensors):
+        shape = tuple(tensor.shape)
+        dtype = keras.backend.standardize_dtype(tensor.dtype)
+        if not shape or shape[0] is not None:
+            raise ValueError(
+                f"to_onnx exports a dynamic batch dimension, so each input's first dimension must "
+                f"be None. Received: input '{tensor.name}' with shape {shape}"
+            )
+        if any(dim is None for dim in shape[1:]):
+            raise ValueError(
+                "to_onnx needs every input dimension but the batch one to be known. Received: "
+                f"input '{tensor.name}' with shape {shape}; build the model on "
+                "keras.Input(shape=...) with fixed sizes"
+            )
+        if not (dtype.startswith(("float", "int", "uint")) or dtype == "bool"):
+            raise ValueError(
+                f"to_onnx accepts numeric inputs. Received: input '{tensor.name}' of dtype {dtype}"
+            )
+        specs.append(_InputSpec(name, shape, dtype))
+    return specs
+
+
+def _output_names(model, names):
+    if names is None:
+        names = [_onnx_name(name, f"output_{i}") for i, name in enumerate(model.output_names)]
+        seen = collections.Counter()
+        for i, name in enumerate(names):  # Keras may repeat a name; ONNX may not
+            seen[name] += 1
+            if seen[name] > 1:
+                names[i] = f"{name}_{seen[name] - 1}"
+    return _check_names(names, len(model.outputs), "output_names", "output")
+
+
+def _check_names(names, count, argument, what):
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if len(names) != count or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"{argument} must hold {count} non-empty string(s), one per model {what}. "
+            f"Received: {argument}={names!r}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"{argument} must be unique. Received: {argument}={names!r}")
+    return names
+
+
+def _onnx_name(name, default):
+    name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", str(name or "")).strip("_")
+    return name or default
+
+
+def _check_size(model):
+    size = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    if size > PROTOBUF_LIMIT:
+        raise ValueError(
+            f"the model's weights take {size / 2**30:.1f} GiB; a single ONNX file holds at most "
+            "2 GiB (external-data ONNX files are not supported)"
+        )
+
+
+def _convert(frozen, inputs, output_names, opset, nchw):
+    import tensorflow as tf
+    import tf2onnx
+
+    signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name)
+                 for spec in inputs]
+    structure = frozen.input if len(frozen.inputs) > 1 else None
+
+    @tf.function(input_signature=signature, autograph=False)
+    def inference(*tensors):
+        model_inputs = (keras.tree.pack_sequence_as(structure, list(tensors))
+                        if structure is not None else tensors[0])
+        return [tf.identity(t) for t in keras.tree.flatten(frozen(model_inputs, training=False))]
+
+    try:
+        proto, _ = tf2onnx.convert.from_function(
+            inference, input_signature=signature, opset=opset, inputs_as_nchw=nchw or None
+        )
+    except Exception as error:  # tf2onnx raises whatever its handlers raise
+        raise ValueError(f"tf2onnx could not convert the model: {_one_line(error)}") from error
+
+    graph = proto.graph
+    unconverted = sorted({n.op_type for n in graph.node if n.domain == "" and not _is_onnx_op(
+        n.op_type, opset)})
+    if unconverted:
+        raise ValueError(
+            f"tf2onnx has no ONNX equivalent for the TensorFlow operation(s) {unconverted} at "
+            f"opset {opset}; try another opset or replace the layers that use them"
+        )
+    if len(graph.output) != len(output_names):
+        raise ValueError(
+            f"the converted graph has {len(graph.output)} outputs, the model {len(output_names)}; "
+            "models with nested or optional outputs are not supported"
+        )
+    for output, name in zip(list(graph.output), output_names):
+        _rename_tensor(graph, output.name, name)
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+    proto.producer_name = "keras-bn export (tf2onnx)"
+    return proto
+
+
+def _is_onnx_op(op_type, opset):
+    from onnx import defs
+
+    try:
+        defs.get_schema(op_type, opset, "")
+    except Exception:  # onnx raises SchemaError for an unknown operator
+        return False
+    return True
+
+
+def _rename_tensor(graph, old, new):
+    if old == new:
+        return
+    if any(value.name == old for value in graph.input):
+        # An output that is an input needs a node of its own to carry another name.
+        from onnx import helper
+
+        graph.node.append(helper.make_node("Identity", [old], [new], name=f"{new}_identity"))
+    else:
+        for node in graph.node:
+            node.input[:] = [new if name == old else name for name in node.input]
+            node.output[:] = [new if name == old else name for name in node.output]
+        for value in graph.value_info:
+            if value.name == old:
+                value.name = new
+    for value in graph.output:
+        if value.name == old:
+            value.name = new
+
+
+def _store_weights_as_float16(proto):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    casts = []
+    for index, initializer in enumerate(list(graph.initializer)):
+        if initializer.data_type != TensorProto.FLOAT:
+            continue
+        weights = numpy_helper.to_array(initializer)
+        if weights.size < 2:  # scalars (epsilons, clip bounds) stay float32
+            continue
+        largest = float(np.max(np.abs(weights)))
+        if largest > np.finfo(np.float16).max:
+            raise ValueError(
+                f"float16_weights: weight '{initializer.name}' holds {largest:.3g}, beyond "
+                "float16's range (65504); export without float16_weights"
+            )
+        name = initializer.name
+        half = numpy_helper.from_array(weights.astype(np.float16), f"{name}_float16")
+        graph.initializer[index].CopyFrom(half)
+        casts.append(helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}_cast"))
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _check_graph(proto):
+    import onnx
+
+    if proto.ByteSize() > PROTOBUF_LIMIT:
+        raise ValueError("the ONNX graph exceeds protobuf's 2 GiB limit for a single file")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ValueError(f"onnx.checker rejected the converted graph: {_one_line(error)}") from error
+
+
+def _random_inputs(inputs, batch_size, rng):
+    arrays = []
+    for spec in inputs:
+        shape = (batch_size,) + tuple(spec.shape[1:])
+        if spec.dtype.startswith("float"):
+            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+        else:  # integer ids or flags: 0 and 1 are valid for any embedding or lookup
+            arrays.append(rng.integers(0, 2, size=shape).astype(spec.dtype))
+    return arrays
+
+
+def _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed):
+    """Largest relative error of onnxruntime against Keras; raises VerificationError past tolerance."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    structure = model.input if len(model.inputs) > 1 else None
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for batch_size in batch_sizes:
+        arrays = _random_inputs(inputs, batch_size, rng)
+        model_inputs = (keras.tree.pack_sequence_as(structure, arrays)
+                        if structure is not None else arrays[0])
+        expected = [keras.ops.convert_to_numpy(t)
+                    for t in keras.tree.flatten(model(model_inputs, training=False))]
+        feed = {spec.name: (np.transpose(x, (0, 3, 1, 2)) if spec.name in nchw else x)
+                for spec, x in zip(inputs, arrays)}
+        actual = session.run(output_names, feed)
+        for name, want, got in zip(output_names, expected, actual):
+            if want.shape != got.shape:
+                raise VerificationError(
+                    f"onnxruntime output '{name}' has shape {got.shape}, Keras {want.shape} "
+                    f"(batch size {batch_size}); no file was written"
+                )
+            want = want.astype(np.float64)
+            scale = max(float(np.max(np.abs(want), initial=0.0)), np.finfo(np.float32).tiny)
+            error = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) / scale
+            if not error <= tolerance:  # also catches NaN
+                raise VerificationError(
+                    f"onnxruntime output '{name}' differs from Keras by {error:.3g} relative to "
+                    f"its largest value (batch size {batch_size}), above the tolerance "
+                    f"{tolerance:g}; no file was written"
+                )
+            worst = max(worst, error)
+    return worst
+
+
+def _write_atomically(data, path):
+    folder, name = os.path.split(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would surprise a deployer
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
