@@ -21,6 +21,7 @@ import numpy as np
 from keras import ops
 
 import keras_bn
+from keras_bn.folding import inference_affine
 
 logger = logging.getLogger(__name__)
 
@@ -176,25 +177,32 @@ def freeze(model, fold=True, verify=True):
     else:
         left_reasons = {}
 
+    names = _qualified_names(source)  # "head/bn" for a BN inside the nested model "head"
     originals = {}
+    replacements = set()  # ids of the FrozenAffine and Identity layers put in
 
     def clone_layer(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
-            frozen = FrozenAffine(axis=layer.axis, name=layer.name, dtype=layer.dtype_policy)
+            frozen = FrozenAffine(axis=layer.axis, name=layer.name, dtype=layer.dtype_policy.name)
+            replacements.add(id(frozen))
             scale, offset = inference_affine(layer)
             originals[id(frozen)] = (frozen, [scale.astype("float32"), offset.astype("float32")])
-            reason = left_reasons.get(layer.name, "folding skipped (fold=False)" if not fold
-                                      else "not folded")
-            report.frozen.append((layer.name, reason))
+            name = names.get(id(layer), layer.name)
+            reason = left_reasons.get(name, "not folded: fold=False")
+            report.frozen.append((name, reason))
             return frozen
         if isinstance(layer, TRAINING_ONLY_LAYERS):
-            report.removed.append(layer.name)
-            return keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+            report.removed.append(names.get(id(layer), layer.name))
+            identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
+            replacements.add(id(identity))
+            return identity
         copy = layer.__class__.from_config(layer.get_config())
         originals[id(copy)] = (copy, layer.get_weights())
         return copy
 
     def call_without_training(layer, *args, **kwargs):
+        if id(layer) in replacements:
+            return layer(args[0])  # BN's mask= and training= mean nothing to a constant map
         kwargs.pop("training", None)
         return layer(*args, **kwargs)
 
@@ -252,12 +260,12 @@ def _batch_normalizations(model):
     ]
 
 
-def inference_affine(bn):
-    """`(a, b)` in float64 with `bn(x, training=False) == a * x + b` (Algorithm 2, line 11)."""
-    # TEMPORARY: replaced by keras_bn.folding.inference_affine once folding lands.
-    variance = np.asarray(bn.moving_variance, dtype=np.float64)
-    mean = np.asarray(bn.moving_mean, dtype=np.float64)
-    gamma = np.asarray(bn.gamma, dtype=np.float64) if bn.scale else np.ones_like(mean)
-    beta = np.asarray(bn.beta, dtype=np.float64) if bn.center else np.zeros_like(mean)
-    a = gamma / np.sqrt(variance + bn.epsilon)
-    return a, beta - mean * a
+
+def _qualified_names(model, prefix=""):
+    """`{id(layer): "outer/inner/name"}` for the layers of nested Functional/Sequential models."""
+    names = {}
+    for layer in model.layers:
+        names[id(layer)] = prefix + layer.name
+        if isinstance(layer, keras.Sequential) or _is_functional(layer):
+            names.update(_qualified_names(layer, f"{prefix}{layer.name}/"))
+    return names

@@ -1,0 +1,78 @@
+"""Export is TensorFlow-only (tf2onnx): under another backend pytest collects nothing here."""
+
+import os
+import pathlib
+import sys
+
+if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    collect_ignore_glob = ["*"]
+
+# pytest puts tests/ on sys.path (rootdir conftest, prepend import mode), where this folder,
+# tests/export/, has no __init__.py and would be imported as a namespace package `export` in place
+# of the real one whenever the repository root is not on sys.path (a bare `pytest` command).
+_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_bn  # noqa: E402
+
+NORMALIZATION_OPS = {"BatchNormalization", "Sub", "Div", "Sqrt", "Rsqrt", "Reciprocal"}
+
+
+def randomize_batchnorm(model, seed=0):
+    """Give every BN non-trivial population statistics and affine parameters, as training would."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0.0, 0.5, channels))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+            if layer.center:
+                layer.beta.assign(rng.normal(0.0, 0.2, channels))
+    return model
+
+
+def residual_model():
+    """keras_bn layers: BN after a conv (folds), after an Add (cannot fold), after a Dense (folds),
+    one called with training=True, and a dropout."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = keras_bn.BatchNormalization(name="bn_conv")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    shortcut = keras.layers.Conv2D(8, 1, name="shortcut")(inputs)
+    x = keras.layers.Add(name="add")([x, shortcut])
+    x = keras_bn.BatchNormalization(name="bn_add")(x, training=True)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(0.5, name="dropout")(x)
+    x = keras.layers.Dense(6, name="dense")(x)
+    x = keras.layers.BatchNormalization(name="bn_dense")(x)
+    outputs = keras.layers.Dense(4, name="logits")(x)
+    return randomize_batchnorm(keras.Model(inputs, outputs, name="residual"))
+
+
+@pytest.fixture
+def model():
+    return residual_model()
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    path = tmp_path / "residual.keras"
+    residual_model().save(path)
+    return path
+
+
+@pytest.fixture
+def randomize():
+    return randomize_batchnorm
+
+
+@pytest.fixture
+def normalization_ops():
+    return NORMALIZATION_OPS
