@@ -27,10 +27,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Algorithm 2 (lines 9-11) rather than moving averages, see
     `keras_bn.estimate_population_statistics`.
 
-    On the TensorFlow backend, training on a rank-4 input with the channel axis first or last and no
-    mask, `synchronized`, `renorm` or `virtual_batch_size`, runs TensorFlow's fused kernel
-    (`FusedBatchNormV3`), several times faster than the generic path; every other case, and every
-    other backend, runs the generic `keras.ops` path. The two are tested to agree.
+    On the TensorFlow backend, training with the channel axis right after the batch axis or last
+    (any rank from 2 to 5; other ranks are reshaped to rank 4 for free) and no mask, `synchronized`,
+    `renorm` or `virtual_batch_size`, runs TensorFlow's fused kernel (`FusedBatchNormV3`), several
+    times faster than the generic path; every other case, and every other backend, runs the generic
+    `keras.ops` path. The two are tested to agree.
 
     Args:
         axis: Integer, the channel axis (the one that is not reduced). `-1` for `channels_last`
@@ -60,7 +61,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             consecutive ones), and the moving statistics average the groups' statistics. Cannot be
             combined with `renorm`.
         fused: `None` (default) uses TensorFlow's fused kernel where the case allows; `False` never
-            uses it; `True` requires it and raises if the backend or the case does not allow it.
+            uses it; `True` requires it and raises if the backend or the case does not allow it
+            (as tf.keras 2's argument of that name did).
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -168,7 +170,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self._channel_axis = self.axis % rank
         if self.fused and not self._fused_shape_allowed(rank):
             raise ValueError(
-                "`fused=True` needs rank-4 inputs with the channel axis first (1) or last (3), and "
+                "`fused=True` needs inputs of rank 2 to 5 with the channel axis at 1 or last, and "
                 "no renorm, synchronized or virtual_batch_size. Received: "
                 f"input shape {tuple(input_shape)}, axis={self.axis}, renorm={self.renorm}, "
                 f"synchronized={self.synchronized}, "
@@ -209,17 +211,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
         offset = -ops.cast(self.moving_mean, x.dtype) * scale
         if self.center:
             offset = offset + ops.cast(self.beta, x.dtype)
-        outputs = x * self._per_channel(scale, len(x.shape)) + self._per_channel(
-            offset, len(x.shape)
+        rank = len(x.shape)
+        outputs = x * _per_channel(scale, rank, self._channel_axis) + _per_channel(
+            offset, rank, self._channel_axis
         )
         return ops.cast(outputs, self.compute_dtype)
 
     # Training: Algorithm 1.
 
     def _fused_shape_allowed(self, rank):
+        # The kernel takes rank-4 NHWC/NCHW; other ranks with the channel axis right after the batch
+        # axis or last are reshaped to that for free.
         return (
-            rank == 4
-            and self._channel_axis in (1, 3)
+            2 <= rank <= 5
+            and self._channel_axis in (1, rank - 1)
             and not (self.renorm or self.synchronized or self.virtual_batch_size)
         )
 
@@ -239,9 +244,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
         channels = inputs.shape[self._channel_axis]
         gamma = ops.cast(self.gamma, "float32") if self.scale else ops.ones((channels,))
         beta = ops.cast(self.beta, "float32") if self.center else ops.zeros((channels,))
+        rank = len(inputs.shape)
+        channels_first = self._channel_axis == 1 and rank > 2
+        shape = ops.shape(inputs)
+        if rank != 4:
+            four_d = (shape[0], channels, -1, 1) if channels_first else (shape[0], -1, 1, channels)
+            inputs = ops.reshape(inputs, four_d)
         outputs, mean, variance, count = _tensorflow.fused_batch_norm_training(
-            inputs, gamma, beta, self.epsilon, channels_first=self._channel_axis == 1
+            inputs, gamma, beta, self.epsilon, channels_first=channels_first
         )
+        if rank != 4:
+            outputs = ops.reshape(outputs, shape)
         if not self.unbiased_variance:
             # The kernel returns m/(m-1) * sigma2_B; Keras's convention averages sigma2_B.
             variance = variance * (count - 1.0) / count
@@ -250,23 +263,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _generic_training(self, inputs, mask):
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         original_shape = ops.shape(x)
-        rank = len(x.shape)
         channel_axis = self._channel_axis
         if self.virtual_batch_size:
             x, mask = self._split_into_ghost_batches(x, mask)
             channel_axis += 1
-        axes = [i for i in range(len(x.shape)) if i != channel_axis]
+        rank = len(x.shape)
+        axes = [i for i in range(rank) if i != channel_axis]
         if self.virtual_batch_size:
             axes.remove(0)  # one set of statistics per ghost batch
         mean, variance, count = self._moments(x, mask, axes)
-        normalized = (x - mean) * ops.rsqrt(variance + self.epsilon)
-        if self.virtual_batch_size:
-            normalized = ops.reshape(normalized, original_shape)
 
         population_variance = variance
         if self.unbiased_variance:
             population_variance = variance * count / ops.maximum(count - 1.0, 1.0)
-        mean, variance, population_variance = (
+        mean_vector, variance_vector, population_variance = (
             self._to_channel_vector(statistic)
             for statistic in (mean, variance, population_variance)
         )
@@ -274,15 +284,21 @@ class BatchNormalization(keras.layers.BatchNormalization):
         gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
         beta = ops.cast(self.beta, x.dtype) if self.center else None
         if self.renorm:
-            r, d, _, _ = self._renorm_correction_and_moments(mean, variance)
+            r, d, _, _ = self._renorm_correction_and_moments(mean_vector, variance_vector)
             gamma, beta = self._compose_transforms(r, d, gamma, beta, x.dtype)
-            self._update_renorm_statistics(mean, variance)
-        outputs = normalized
+            self._update_renorm_statistics(mean_vector, variance_vector)
+        # y = gamma * (x - mu_B) / sqrt(sigma2_B + eps) + beta, as two passes over x: the per-channel
+        # scale and offset are tiny, and gradients still flow through mu_B and sigma2_B.
+        scale = ops.rsqrt(variance + self.epsilon)
         if gamma is not None:
-            outputs = outputs * self._per_channel(gamma, rank)
+            scale = scale * _per_channel(gamma, rank, channel_axis)
+        offset = -mean * scale
         if beta is not None:
-            outputs = outputs + self._per_channel(beta, rank)
-        return outputs, mean, population_variance
+            offset = offset + _per_channel(beta, rank, channel_axis)
+        outputs = x * scale + offset
+        if self.virtual_batch_size:
+            outputs = ops.reshape(outputs, original_shape)
+        return outputs, mean_vector, population_variance
 
     def _moments(self, x, mask, axes):
         """Per-channel mean, biased variance and value count m over `axes` (kept as size-1 dims)."""
@@ -329,11 +345,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
             statistic = ops.mean(statistic, axis=0)
         return ops.reshape(statistic, (-1,))
 
-    def _per_channel(self, vector, rank):
-        shape = [1] * rank
-        shape[self._channel_axis] = -1
-        return ops.reshape(vector, shape)
-
     # Moving statistics.
 
     def _update_moving_statistics(self, mean, variance):
@@ -355,6 +366,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
         _assign_moving_average(
             self.renorm_stddev, ops.sqrt(variance + self.epsilon), self.renorm_momentum
         )
+
+
+def _per_channel(vector, rank, channel_axis):
+    """Reshapes a (channels,) vector to broadcast against a rank-`rank` tensor."""
+    shape = [1] * rank
+    shape[channel_axis] = -1
+    return ops.reshape(vector, shape)
 
 
 def _assign_moving_average(variable, value, momentum):

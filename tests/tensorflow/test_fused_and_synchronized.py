@@ -26,11 +26,15 @@ def run_training_step(layer, x, dy):
     ]
 
 
-@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((4, 5, 5, 3), -1), ((4, 3, 5, 5), 1), ((16, 3), -1), ((4, 6, 3), -1), ((4, 3, 6), 1),
+     ((2, 3, 4, 5, 3), -1), ((2, 3, 3, 4, 5), 1)],
+)
 @pytest.mark.parametrize("unbiased_variance", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("scale,center", [(True, True), (False, False)])
-def test_fused_and_generic_paths_agree(axis, unbiased_variance, dtype, scale, center, monkeypatch):
+def test_fused_and_generic_paths_agree(shape, axis, unbiased_variance, dtype, scale, center, monkeypatch):
     calls = []
     fused_kernel = _tensorflow.fused_batch_norm_training
     monkeypatch.setattr(
@@ -39,7 +43,6 @@ def test_fused_and_generic_paths_agree(axis, unbiased_variance, dtype, scale, ce
         lambda *args, **kwargs: calls.append(1) or fused_kernel(*args, **kwargs),
     )
     rng = np.random.default_rng(0)
-    shape = (4, 3, 5, 5) if axis == 1 else (4, 5, 5, 3)
     x = rng.normal(2.0, 3.0, shape).astype("float32")
     dy = rng.normal(0, 1, shape).astype("float32")
     results = []
@@ -51,7 +54,7 @@ def test_fused_and_generic_paths_agree(axis, unbiased_variance, dtype, scale, ce
         layer.build(shape)
         layer.set_weights([w + 0.5 for w in layer.get_weights()])
         results.append(run_training_step(layer, x, dy))
-    assert len(calls) == 1, "fused=None must take the fused kernel on a rank-4 NHWC/NCHW input"
+    assert len(calls) == 1, "fused=None must take the fused kernel when the channel axis is 1 or last"
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     for fused_value, generic_value in zip(*results):
         np.testing.assert_allclose(fused_value, generic_value, rtol=tolerance, atol=tolerance)
@@ -78,7 +81,9 @@ def test_fused_path_is_taken_inside_a_compiled_model(monkeypatch):
 
 def test_fused_true_refuses_cases_it_cannot_run():
     with pytest.raises(ValueError, match="fused=True"):
-        keras_bn.BatchNormalization(fused=True).build((4, 3))
+        keras_bn.BatchNormalization(fused=True, axis=2).build((4, 3, 3, 2))
+    with pytest.raises(ValueError, match="fused=True"):
+        keras_bn.BatchNormalization(fused=True).build((4, 3, 3, 2, 2, 2))
     with pytest.raises(ValueError, match="fused=True"):
         keras_bn.BatchNormalization(fused=True, renorm=True).build((4, 3, 3, 2))
 

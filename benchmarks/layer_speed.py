@@ -1,0 +1,154 @@
+"""Training step and inference time of keras_bn.BatchNormalization vs keras.layers.BatchNormalization.
+
+Both layers run in the same process, on the same inputs, compiled the same way (a `tf.function`
+on TensorFlow, with and without XLA; `jax.jit` on JAX). A training step is the forward pass, the
+backward pass (gradients for the input, gamma and beta) and the moving-average update. Each figure
+is the median over `--repeats` repetitions of the mean time of `--iterations` calls; the two layers
+alternate within each repetition.
+
+"graph" is a plain `tf.function`, where our layer runs TensorFlow's fused kernel; "xla" is
+`jit_compile=True` (what `model.fit` picks by default on TensorFlow), where XLA expands both layers
+into the same element-wise code, so the ratio there is about 1.
+
+    KERAS_BACKEND=tensorflow python benchmarks/layer_speed.py
+    KERAS_BACKEND=jax python benchmarks/layer_speed.py
+
+Results are merged into benchmarks/results/layer_speed.json under the backend's name.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_bn  # noqa: E402
+
+SHAPES = [(64, 32, 32, 64), (32, 56, 56, 128), (256, 1024)]
+RESULTS = Path(__file__).parent / "results" / "layer_speed.json"
+
+
+def tensorflow_steps(layer, x, jit_compile):
+    import tensorflow as tf
+
+    x = tf.constant(x)
+    variables = layer.trainable_variables
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, *variables])
+
+    @tf.function(jit_compile=jit_compile)
+    def inference():
+        return layer(x, training=False)
+
+    return lambda: [t.numpy() for t in train_step()][0], lambda: inference().numpy()
+
+
+def jax_steps(layer, x):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, non_trainable, x):
+        y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
+        return jnp.sum(y * y), updated
+
+    train = jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
+    infer = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=False)[0])
+    return (
+        lambda: jax.block_until_ready(train(trainable, non_trainable, x)),
+        lambda: jax.block_until_ready(infer(trainable, non_trainable, x)),
+    )
+
+
+def median_ms(functions, iterations, repeats):
+    """Median ms per call of each function; they alternate within every repetition, so that load
+    from other processes falls on all of them alike."""
+    for function in functions:
+        function()  # compile and warm up
+        function()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            for _ in range(iterations):
+                function()
+            samples.append((time.perf_counter() - start) / iterations * 1e3)
+    return [statistics.median(samples) for samples in times]
+
+
+def measure(shape, mode, iterations, repeats):
+    x = np.random.default_rng(0).normal(1.0, 2.0, shape).astype("float32")
+    steps = {}
+    for name, cls in (("keras", keras.layers.BatchNormalization), ("keras_bn", keras_bn.BatchNormalization)):
+        layer = cls()
+        layer.build(shape)
+        if mode == "jit":
+            steps[name] = jax_steps(layer, x)
+        else:
+            steps[name] = tensorflow_steps(layer, x, jit_compile=mode == "xla")
+    row = {"shape": list(shape), "mode": mode}
+    for index, kind in enumerate(("train", "inference")):
+        keras_ms, ours_ms = median_ms(
+            [steps["keras"][index], steps["keras_bn"][index]], iterations, repeats
+        )
+        row[f"keras_{kind}_ms"] = keras_ms
+        row[f"keras_bn_{kind}_ms"] = ours_ms
+        row[f"{kind}_ratio"] = ours_ms / keras_ms
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=10, help="calls per repetition")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions; the median is kept")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    backend = keras.backend.backend()
+    modes = {"tensorflow": ["graph", "xla"], "jax": ["jit"]}.get(backend)
+    if modes is None:
+        raise SystemExit(f"layer_speed.py measures the tensorflow and jax backends, not {backend!r}")
+    rows = []
+    print(f"backend={backend}  median of {args.repeats} x {args.iterations} calls, ms per call")
+    print(f"{'shape':>20} {'mode':>5} | {'train: keras':>12} {'ours':>8} {'ratio':>6} | "
+          f"{'infer: keras':>12} {'ours':>8} {'ratio':>6}")
+    for mode in modes:
+        for shape in SHAPES:
+            row = measure(shape, mode, args.iterations, args.repeats)
+            rows.append(row)
+            print(f"{str(shape):>20} {mode:>5} | {row['keras_train_ms']:12.2f} "
+                  f"{row['keras_bn_train_ms']:8.2f} {row['train_ratio']:6.2f} | "
+                  f"{row['keras_inference_ms']:12.2f} {row['keras_bn_inference_ms']:8.2f} "
+                  f"{row['inference_ratio']:6.2f}", flush=True)
+
+    results = json.loads(args.output.read_text()) if args.output.exists() else {}
+    results[backend] = {
+        "rows": rows,
+        "repeats": args.repeats,
+        "iterations": args.iterations,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "versions": {"keras": keras.__version__, backend: __import__(backend).__version__},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
