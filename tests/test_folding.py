@@ -41,7 +41,7 @@ def _bn_names(model):
     }
 
 
-def _batch(model, size=3):
+def _batch(model, size=2):  # the size verification uses: JAX reuses its compiled ops
     shapes = [[size] + [8 if d is None else d for d in t.shape[1:]] for t in model.inputs]
     batch = [rng.normal(size=shape).astype("float32") for shape in shapes]
     return batch if len(batch) > 1 else batch[0]
@@ -277,15 +277,16 @@ def test_bn_called_in_training_mode_is_left():
     assert "training=True" in _left_reason(folded.fold_report, "bn")
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"renorm": True},
-        {"synchronized": True},
-        {"scale": False, "center": False},
-        {"virtual_batch_size": 2, "unbiased_variance": False},
-    ],
-)
+KERAS_BN_VARIANTS = [
+    {"renorm": True},
+    {"scale": False, "center": False},
+    {"virtual_batch_size": 2, "unbiased_variance": False},
+]
+if keras.backend.backend() == "tensorflow":  # Keras accepts synchronized=True only there
+    KERAS_BN_VARIANTS.append({"synchronized": True})
+
+
+@pytest.mark.parametrize("kwargs", KERAS_BN_VARIANTS)
 def test_keras_bn_layers_fold(kwargs):
     model = chain(
         (9, 9, 3),
@@ -376,12 +377,14 @@ def test_original_model_is_untouched():
     assert not hasattr(model, "fold_report")
 
 
-def test_weights_keep_the_layer_dtype():
-    model = chain(
-        (6,), layers.Dense(4, dtype="float64", name="d"), layers.BatchNormalization(name="bn")
-    )
-    folded, _ = fold_and_check(model, folded_count=1)
-    assert {w.dtype for w in folded.get_layer("d").weights} == {"float64"}
+def test_folded_weights_keep_the_layer_dtype():
+    model = randomize(chain(
+        (6,), layers.Dense(4, dtype="float16", name="d"), layers.BatchNormalization(name="bn")
+    ))
+    folded = keras_bn.fold_batchnorm(model, tolerance=1e-2)
+    assert folded.fold_report.tolerance == 1e-2
+    assert {w.dtype for w in folded.get_layer("d").weights} == {"float16"}
+    assert_same_outputs(model, folded, rtol=1e-2)
 
 
 def test_subclassed_model_is_refused_clearly():
@@ -460,7 +463,7 @@ def test_inference_affine_matches_the_layer(layer_class):
 
 @pytest.mark.parametrize(
     "application, size, count",
-    [("ResNet50", 64, 53), ("MobileNetV2", 96, 52)],
+    [("ResNet50", 32, 53), ("MobileNetV2", 32, 52)],
 )
 def test_applications_fold_completely(application, size, count):
     model = getattr(keras.applications, application)(
