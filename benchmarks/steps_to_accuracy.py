@@ -1,0 +1,108 @@
+"""Steps to accuracy (the paper's Figure 3 protocol) for the Figure 1 network and small BN-Inception.
+
+For each network on scikit-learn's digits, with 3 seeds: the baseline's learning rate is the best
+of a grid that extends upward until the baseline degrades or diverges (the chosen rate is never the
+grid's edge); the baseline trains a fixed budget; its best test accuracy is the target; every BN
+variant's steps (and training seconds) to first reach it are counted with an evaluation every 1% of
+the budget. Writes benchmarks/results/steps_to_accuracy.json (per network and variant: steps median
+and per seed, `ratio` = baseline steps / variant steps, `wall_clock_ratio`), steps_to_accuracy.md
+and the accuracy-vs-steps plots figure2_mlp_digits.png and figure2_inception_digits.png.
+
+    .venv/bin/python benchmarks/steps_to_accuracy.py            # ~15 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/steps_to_accuracy.py --quick --output-dir /tmp/sta
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import platform  # noqa: E402
+import time  # noqa: E402
+
+from examples import cli, reporting, training  # noqa: E402
+from examples.data import load_dataset  # noqa: E402
+
+# Budgets long enough for each baseline to plateau on digits (see the README's measurements).
+NETWORKS = {
+    "mlp": dict(batch_size=60, steps=3000, variant_steps=1000, learning_rate=0.1),
+    "inception": dict(batch_size=32, steps=1200, variant_steps=600, learning_rate=0.01),
+}
+QUICK = {
+    "mlp": dict(batch_size=60, steps=30, variant_steps=20, learning_rate=0.1),
+    "inception": dict(batch_size=32, steps=6, variant_steps=4, learning_rate=0.01),
+}
+
+
+def summary(result):
+    """The result without per-evaluation histories (those stay in the per-network JSON)."""
+    out = {k: v for k, v in result.items() if k != "variants"}
+    out["variants"] = {
+        name: {k: v for k, v in entry.items() if k != "histories"}
+        for name, entry in result["variants"].items()
+    }
+    return out
+
+
+def main(argv=None):
+    parser = cli.make_parser(__doc__.split("\n")[0])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--alpha", type=float, default=0.125, help="BN-Inception's width")
+    args = parser.parse_args(argv)
+    cli.apply_runtime_options(args)
+    settings = QUICK if args.quick else NETWORKS
+    seeds = args.seeds or [0, 1, 2]
+    results, tables = {}, []
+    start = time.perf_counter()
+    for family in args.networks:
+        s = settings[family]
+        data = load_dataset(args.data, flatten=family == "mlp")
+        if args.quick:
+            data.x_train, data.y_train = data.x_train[:240], data.y_train[:240]
+        config = training.Config(
+            family=family,
+            learning_rate=s["learning_rate"],
+            batch_size=s["batch_size"],
+            steps=s["steps"],
+            eval_every=max(1, s["steps"] // 100),
+            alpha=args.alpha,
+            statistics=args.statistics,
+            data_parallel=args.data_parallel,
+        )
+        with training.data_parallel_scope(args.data_parallel):
+            result = training.steps_to_accuracy(
+                data,
+                config,
+                seeds=seeds,
+                lr_grid_max=3 if args.quick else 8,
+                variant_steps=s["variant_steps"],
+                verbose=args.verbose,
+            )
+        stem = f"{family}_{data.name}"
+        reporting.plot_accuracy_curves(
+            result, os.path.join(args.output_dir, f"figure2_{stem}.png"),
+            f"{'Figure 1 network (3 x Dense(100, sigmoid))' if family == 'mlp' else 'Small BN-Inception'}"
+            f" on {data.name}: median of {len(seeds)} seeds",
+        )
+        reporting.write_json(os.path.join(args.output_dir, f"steps_to_accuracy_{stem}.json"), result)
+        results[family] = summary(result)
+        tables.append(reporting.steps_table(result))
+    import keras
+
+    payload = {
+        "protocol": "Figure 3: baseline lr = best of an upward-extending grid; baseline budget fixed; "
+        "target = baseline's best test accuracy per seed; steps of first evaluation >= target",
+        "backend": keras.backend.backend(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared while measured)",
+        "total_seconds": time.perf_counter() - start,
+        "networks": results,
+    }
+    reporting.write_json(os.path.join(args.output_dir, "steps_to_accuracy.json"), payload)
+    text = "\n".join(tables) + f"\nTotal time: {payload['total_seconds'] / 60:.1f} min\n"
+    reporting.write_text(os.path.join(args.output_dir, "steps_to_accuracy.md"), text)
+    print(text)
+    return payload
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

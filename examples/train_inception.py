@@ -1,0 +1,151 @@
+"""Figures 2 and 3 of the paper: BN-Inception's training variants, at a scale that runs.
+
+Trains the variants of Sec. 4.2.1 - Inception (no BN, dropout 40%, LRN, L2), BN-Baseline, BN-x5,
+BN-x30, BN-x5-Sigmoid (lr x1/x5/x30, no dropout, L2/5, lr decay 6x faster, no LRN, reshuffling every
+epoch) - with momentum SGD, following the Figure 3 protocol of `examples.training.steps_to_accuracy`
+(the baseline's learning rate is the best of a grid that extends until it degrades; its best test
+accuracy is the target). Data: scikit-learn digits by default (8x8, the "digits" stem), CIFAR-10
+python batches or an ImageNet-style folder from a local path.
+
+    .venv/bin/python examples/train_inception.py                       # digits, alpha 0.125
+    .venv/bin/python examples/train_inception.py --data ~/cifar-10-batches-py --alpha 0.25
+    .venv/bin/python examples/train_inception.py --quick --output-dir /tmp/fig23
+    KERAS_BACKEND=jax .venv/bin/python examples/train_inception.py --throughput --alpha 1 \\
+        --image-size 224 --mixed-precision mixed_bfloat16 --data-parallel
+
+Writes inception_<data>.json, figure2_inception_<data>.png (accuracy vs steps of every variant)
+and figure3_inception_<data>.md (steps to the baseline's best accuracy, max accuracy) in
+--output-dir; --throughput writes throughput.json (images/s on synthetic data) instead.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from examples import cli, reporting, training  # noqa: E402
+from examples.data import load_dataset  # noqa: E402
+
+
+def write_results(result, output_dir, stem, title=None):
+    """JSON, Figure 2 (PNG) and Figure 3 (markdown) of one protocol run; returns the table."""
+    reporting.write_json(os.path.join(output_dir, f"{stem}.json"), result)
+    reporting.plot_accuracy_curves(result, os.path.join(output_dir, f"figure2_{stem}.png"), title)
+    table = reporting.steps_table(result)
+    reporting.write_text(os.path.join(output_dir, f"figure3_{stem}.md"), table)
+    return table
+
+
+def measure_throughput(args):
+    """Images per second of BN-Inception training steps on synthetic data (no accuracy)."""
+    import keras
+
+    from examples import models
+
+    size = args.image_size or 224
+    batch = args.batch_size or 32
+    steps = 5 if args.quick else args.throughput_steps
+    with training.data_parallel_scope(args.data_parallel):
+        replicas = training.replica_count()
+        global_batch = batch * replicas
+        model = models.bn_inception(
+            input_shape=(size, size, 3), classes=1000, alpha=args.alpha,
+            synchronized=args.data_parallel,
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.045, momentum=0.9),
+            loss="sparse_categorical_crossentropy",
+        )
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((global_batch * 2, size, size, 3)).astype("float32")
+        y = rng.integers(0, 1000, global_batch * 2).astype("int32")
+        model.fit(x, y, batch_size=global_batch, epochs=1, verbose=0)  # compile
+        xs = np.concatenate([x] * max(1, steps // 2))
+        ys = np.concatenate([y] * max(1, steps // 2))
+        start = time.perf_counter()
+        model.fit(xs, ys, batch_size=global_batch, epochs=1, verbose=args.verbose)
+        seconds = time.perf_counter() - start
+    result = {
+        "backend": keras.backend.backend(),
+        "devices": [str(d) for d in keras.distribution.list_devices()],
+        "replicas": replicas,
+        "mixed_precision": args.mixed_precision,
+        "alpha": args.alpha,
+        "image_size": size,
+        "global_batch_size": global_batch,
+        "steps": len(xs) // global_batch,
+        "parameters": model.count_params(),
+        "images_per_second": len(xs) / seconds,
+    }
+    path = reporting.write_json(os.path.join(args.output_dir, "throughput.json"), result)
+    print(f"{result['images_per_second']:.1f} images/s ({result['backend']}, "
+          f"{replicas} replica(s), batch {global_batch}); wrote {path}")
+    return result
+
+
+def main(argv=None):
+    parser = cli.make_parser(__doc__.split("\n")[0])
+    parser.add_argument("--alpha", type=float, default=0.125, help="width multiplier")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize images to this square size (default: the data's own)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="the baseline's budget in steps (default 1500; quick 20)")
+    parser.add_argument("--variant-steps", type=int, default=None,
+                        help="steps of each BN variant (default: the baseline's budget)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="steps between evaluations (default: 1%% of the budget)")
+    parser.add_argument("--batch-size", type=int, default=32, help="the paper's 32")
+    parser.add_argument("--learning-rate", type=float, default=0.01,
+                        help="first rate of the baseline's learning-rate grid")
+    parser.add_argument("--grid-factor", type=float, default=3.0,
+                        help="ratio between consecutive rates of the grid")
+    parser.add_argument("--variants", nargs="+", default=list(training.FAMILY_VARIANTS["inception"]),
+                        choices=list(training.VARIANTS), help="variants to train")
+    parser.add_argument("--throughput", action="store_true",
+                        help="only measure training images/s on synthetic data")
+    parser.add_argument("--throughput-steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    cli.apply_runtime_options(args)
+    if args.throughput:
+        return measure_throughput(args)
+    steps = args.steps or (20 if args.quick else 1500)
+    image_size = (args.image_size, args.image_size) if args.image_size else None
+    data = load_dataset(args.data, image_size=image_size)
+    if args.quick:
+        data.x_train, data.y_train = data.x_train[:256], data.y_train[:256]
+    config = training.Config(
+        family="inception",
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        steps=steps,
+        eval_every=args.eval_every or max(1, steps // 100),
+        alpha=args.alpha,
+        statistics=args.statistics,
+        data_parallel=args.data_parallel,
+    )
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    with training.data_parallel_scope(args.data_parallel):
+        result = training.steps_to_accuracy(
+            data,
+            config,
+            variants=args.variants,
+            seeds=seeds,
+            lr_grid_factor=args.grid_factor,
+            lr_grid_max=3 if args.quick else 8,
+            variant_steps=args.variant_steps,
+            verbose=args.verbose,
+        )
+    stem = f"inception_{data.name}"
+    table = write_results(result, args.output_dir, stem,
+                          f"Small BN-Inception (alpha {args.alpha}) on {data.name}")
+    print(table)
+    print(f"Wrote {stem}.json, figure2_{stem}.png, figure3_{stem}.md to {args.output_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,515 @@
+"""One training loop for every variant, and the steps-to-accuracy protocol of the paper's Figure 3.
+
+`VARIANTS` maps the paper's variant names (Sec. 4.2.1) onto the changes each makes; `build_variant`
+turns a network family ("mlp" or "inception") and a variant into a compiled model; `train_and_track`
+trains it with momentum SGD and evaluates test accuracy every `eval_every` steps (with exact
+population statistics, Algorithm 2, or the moving averages); `steps_to_accuracy` runs the whole
+protocol: a learning-rate grid for the baseline, the baseline's best accuracy as the target, and
+the steps each BN variant needs to first reach it.
+"""
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+
+import keras
+import numpy as np
+
+import keras_bn
+from examples import models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The paper's changes to the Inception baseline (Sec. 4.2.1), as factors and switches."""
+
+    name: str
+    batch_norm: bool
+    lr_multiplier: float = 1.0
+    dropout: bool = True  # the baseline's dropout (40% for Inception)
+    local_response_normalization: bool = True
+    l2_multiplier: float = 1.0
+    decay_speedup: float = 1.0
+    reshuffle: bool = False  # reshuffle the training set every epoch ("thorough shuffling")
+    activation: str | None = None  # None: the network's own (ReLU for Inception, sigmoid for MLP)
+
+
+_BN_X = dict(
+    batch_norm=True,
+    dropout=False,
+    local_response_normalization=False,
+    l2_multiplier=0.2,
+    decay_speedup=6.0,
+    reshuffle=True,
+)
+VARIANTS = {
+    "Inception": Variant("Inception", batch_norm=False),
+    "BN-Baseline": Variant("BN-Baseline", batch_norm=True),
+    "BN-x5": Variant("BN-x5", lr_multiplier=5.0, **_BN_X),
+    "BN-x30": Variant("BN-x30", lr_multiplier=30.0, **_BN_X),
+    "BN-x5-Sigmoid": Variant("BN-x5-Sigmoid", lr_multiplier=5.0, activation="sigmoid", **_BN_X),
+}
+# The baseline of each network family, and the variants that make sense for it (the MNIST network
+# is already sigmoid and has no dropout, LRN or L2 to remove).
+BASELINE = {"inception": "Inception", "mlp": "Inception"}
+FAMILY_VARIANTS = {
+    "inception": ("Inception", "BN-Baseline", "BN-x5", "BN-x30", "BN-x5-Sigmoid"),
+    "mlp": ("Inception", "BN-Baseline", "BN-x5", "BN-x30"),
+}
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a training run needs besides the data and the variant."""
+
+    family: str = "inception"  # "inception" (small BN-Inception) or "mlp" (the Figure 1 network)
+    learning_rate: float = 0.01  # the baseline's; variants multiply it
+    batch_size: int = 32
+    steps: int = 1000
+    eval_every: int = 10
+    momentum: float = 0.9  # of SGD
+    decay_rate: float = 0.25  # the baseline's lr falls to 25% over `decay_horizon` steps
+    decay_horizon: int | None = None  # the baseline's budget (None: `steps`); BN-x: 6x faster
+    l2: float = 4e-5  # the baseline's L2 penalty (Inception family only)
+    dropout: float = 0.4  # the baseline's dropout (Inception family only)
+    alpha: float = 0.125  # width multiplier of BN-Inception
+    bn_momentum: float = 0.9  # fits short runs; the moving averages only matter with "moving"
+    # BN statistics of the evaluations during training: "population" (Algorithm 2 at every
+    # evaluation: exact, but one pass over the training set each time) or "moving" (the paper's
+    # way of tracking a model as it trains, Sec. 3.1). The final evaluation always also uses the
+    # exact population statistics (`History.final_accuracy`).
+    statistics: str = "population"
+    population_batches: int | None = None  # training batches for the population estimate (all)
+    data_parallel: bool = False  # MirroredStrategy (TF) / keras.distribution.DataParallel (JAX)
+
+
+def build_variant(variant, config, input_shape, classes, seed=0):
+    """A compiled model of `variant` (a name or a `Variant`) for the network family of `config`."""
+    variant = VARIANTS[variant] if isinstance(variant, str) else variant
+    keras.utils.set_random_seed(seed)
+    if config.family == "mlp":
+        model = models.mnist_mlp(
+            input_dim=int(np.prod(input_shape)),
+            classes=classes,
+            batch_norm=variant.batch_norm,
+            activation=variant.activation or "sigmoid",
+            bn_momentum=config.bn_momentum,
+            synchronized=config.data_parallel,
+            seed=seed,
+        )
+    elif config.family == "inception":
+        common = dict(
+            input_shape=input_shape,
+            classes=classes,
+            alpha=config.alpha,
+            activation=variant.activation or "relu",
+            dropout=config.dropout if variant.dropout else 0.0,
+            local_response_normalization=variant.local_response_normalization,
+            l2=config.l2 * variant.l2_multiplier,
+        )
+        if variant.batch_norm:
+            model = models.bn_inception(
+                bn_momentum=config.bn_momentum, synchronized=config.data_parallel, **common
+            )
+        else:
+            model = models.inception_baseline(**common)
+    else:
+        raise ValueError(f"`family` must be 'inception' or 'mlp'. Received: {config.family!r}")
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        config.learning_rate * variant.lr_multiplier,
+        decay_steps=max(1.0, (config.decay_horizon or config.steps) / variant.decay_speedup),
+        decay_rate=config.decay_rate,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=config.momentum),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@contextlib.contextmanager
+def data_parallel_scope(enabled=True):
+    """Data parallelism over every local device with the backend's own engine.
+
+    TensorFlow: a `tf.distribute.MirroredStrategy` scope (build and compile the model inside it;
+    BN built with `synchronized=True` then uses global batch statistics). JAX:
+    `keras.distribution.DataParallel` over `jax.devices()` (XLA computes BN's batch statistics over
+    the global batch). Other backends, or `enabled=False`: no-op.
+    """
+    backend = keras.backend.backend()
+    if not enabled:
+        yield None
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy(
+            [d.name for d in tf.config.list_logical_devices("GPU")]
+            or [d.name for d in tf.config.list_logical_devices("CPU")]
+        )
+        with strategy.scope():
+            yield strategy
+    elif backend == "jax":
+        previous = keras.distribution.distribution()
+        distribution = keras.distribution.DataParallel()
+        keras.distribution.set_distribution(distribution)
+        try:
+            yield distribution
+        finally:
+            keras.distribution.set_distribution(previous)
+    else:
+        raise ValueError(f"Data parallelism supports tensorflow and jax. Backend: {backend!r}")
+
+
+def replica_count():
+    """How many replicas the current data-parallel scope trains on (1 outside one)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    return int(np.prod(distribution.device_mesh.shape))
+
+
+def batch_indices(n, batch_size, steps, reshuffle, seed):
+    """The training examples of each step: one shuffle kept for every epoch, or a new one each.
+
+    The paper's baseline saw mini-batches that often held the same examples together; its BN-x
+    variants shuffled "more thoroughly" (Sec. 4.2.1). Epochs drop their last partial batch.
+    """
+    rng = np.random.default_rng(seed)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training examples.")
+    order = rng.permutation(n)
+    out = np.empty((steps, batch_size), dtype=np.int64)
+    for step in range(steps):
+        k = step % per_epoch
+        if k == 0 and step > 0 and reshuffle:
+            order = rng.permutation(n)
+        out[step] = order[k * batch_size : (k + 1) * batch_size]
+    return out
+
+
+@dataclasses.dataclass
+class History:
+    """What `train_and_track` records at each evaluation."""
+
+    steps: list = dataclasses.field(default_factory=list)
+    accuracy: list = dataclasses.field(default_factory=list)
+    loss: list = dataclasses.field(default_factory=list)  # training loss of the last chunk
+    # Cumulative training time, evaluations excluded. The first interval's time includes the
+    # one-off tracing/compilation, which would swamp per-step differences at this scale: it is
+    # replaced by its steps times the median per-step time of the other intervals.
+    seconds: list = dataclasses.field(default_factory=list)
+    compile_seconds: float | None = None
+    probes: list = dataclasses.field(default_factory=list)  # what `probe` returned
+    diverged: bool = False
+    # After training: test accuracy with the moving averages and with the exact population
+    # statistics of Algorithm 2 (equal for a network without BN).
+    final_accuracy_moving: float | None = None
+    final_accuracy: float | None = None
+
+    def best(self):
+        """(best accuracy, first step that reached it, its training seconds)."""
+        if not self.accuracy:
+            return float("nan"), None, None
+        i = int(np.argmax(self.accuracy))
+        return float(self.accuracy[i]), self.steps[i], self.seconds[i]
+
+    def first_reaching(self, target):
+        """(step, seconds) of the first evaluation with accuracy >= target, or (None, None)."""
+        for step, acc, sec in zip(self.steps, self.accuracy, self.seconds):
+            if acc >= target - 1e-9:
+                return step, sec
+        return None, None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def has_batch_normalization(model):
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+
+
+def set_population_statistics(model, x_train, config):
+    """Algorithm 2: BN's statistics become the average over training mini-batches of size m."""
+    if not has_batch_normalization(model):
+        return
+    full_batches = len(x_train) // config.batch_size  # every batch of size m, as in training
+    steps = min(config.population_batches or full_batches, full_batches)
+    keras_bn.estimate_population_statistics(
+        model, x_train, steps=steps, batch_size=config.batch_size, verbose=0
+    )
+
+
+def evaluate_accuracy(model, x, y, batch_size=256):
+    """Test accuracy in inference mode (BN uses its moving/population statistics)."""
+    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(probabilities, axis=-1) == y))
+
+
+def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None, verbose=1,
+                    label=None):
+    """Train `model` for `config.steps` momentum-SGD steps and evaluate every `config.eval_every`.
+
+    The single training loop of every experiment: `model.fit` over the mini-batches of
+    `batch_indices`, one call per evaluation interval, a `keras.utils.Progbar`, and at each evaluation the test accuracy after
+    setting BN's statistics as `config.statistics` says (the exact population estimate of
+    Algorithm 2 over the training set, or the moving averages). Evaluation time is not counted in
+    `History.seconds`. A loss that turns NaN stops the run and marks it diverged. At the end the
+    test accuracy is also measured with the moving averages and with the exact population
+    statistics (`History.final_accuracy_moving`, `History.final_accuracy`).
+
+    Args:
+        model: a compiled model (see `build_variant`).
+        data: an `examples.data.Dataset` whose arrays match the model's input.
+        config: a `Config`.
+        reshuffle: reshuffle the training set every epoch.
+        seed: seed of the batch order.
+        probe: optional callable `probe(model) -> dict`, called at each evaluation (Figure 1's
+            percentiles).
+        verbose: 1 shows a progress bar.
+        label: title printed above the progress bar.
+
+    Returns:
+        A `History`.
+    """
+    if config.statistics not in ("population", "moving"):
+        raise ValueError(
+            f"`statistics` must be 'population' or 'moving'. Received: {config.statistics!r}"
+        )
+    x_train, y_train = data.x_train, data.y_train
+    indices = batch_indices(len(x_train), config.batch_size, config.steps, reshuffle, seed)
+    history = History()
+    if verbose and label:
+        print(label)
+    progbar = keras.utils.Progbar(config.steps, verbose=verbose, stateful_metrics=["test_acc"])
+    trained_seconds = 0.0
+
+    def evaluate(step, loss):
+        if config.statistics == "population":
+            set_population_statistics(model, x_train, config)
+        accuracy = evaluate_accuracy(model, data.x_test, data.y_test)
+        history.steps.append(step)
+        history.accuracy.append(accuracy)
+        history.loss.append(loss)
+        history.seconds.append(trained_seconds)
+        if probe is not None:
+            history.probes.append(probe(model))
+        return accuracy
+
+    evaluate(0, float("nan"))
+    step = 0
+    chunk_seconds = []
+    while step < config.steps:
+        chunk = indices[step : step + config.eval_every].reshape(-1)
+        start = time.perf_counter()
+        # One `fit` call per evaluation interval: Keras distributes its batches over the replicas
+        # of a tf.distribute strategy or a keras.distribution (train_on_batch would not on TF).
+        fit = model.fit(
+            x_train[chunk],
+            y_train[chunk],
+            batch_size=config.batch_size,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+        )
+        chunk_seconds.append((time.perf_counter() - start, len(chunk) // config.batch_size))
+        trained_seconds += chunk_seconds[-1][0]
+        step = min(step + config.eval_every, config.steps)
+        loss = float(fit.history["loss"][-1])
+        if not math.isfinite(loss):
+            history.diverged = True
+            history.steps.append(step)
+            history.accuracy.append(1.0 / data.classes)
+            history.loss.append(loss)
+            history.seconds.append(trained_seconds)
+            logger.info("%s diverged before step %d", label or model.name, step)
+            progbar.update(config.steps, [("loss", loss)], finalize=True)
+            break
+        accuracy = evaluate(step, loss)
+        progbar.update(step, [("loss", loss), ("test_acc", accuracy)])
+    if len(chunk_seconds) > 1:
+        per_step = float(np.median([sec / n for sec, n in chunk_seconds[1:]]))
+        first_seconds, first_steps = chunk_seconds[0]
+        history.compile_seconds = max(0.0, first_seconds - per_step * first_steps)
+        history.seconds = [max(0.0, s - history.compile_seconds) for s in history.seconds]
+    if not history.diverged:
+        history.final_accuracy_moving = evaluate_accuracy(model, data.x_test, data.y_test)
+        set_population_statistics(model, x_train, config)
+        history.final_accuracy = evaluate_accuracy(model, data.x_test, data.y_test)
+    return history
+
+
+def _median(values):
+    """Median where None (never reached) counts as infinitely many steps."""
+    finite = [math.inf if v is None else v for v in values]
+    m = float(np.median(finite))
+    return None if math.isinf(m) else m
+
+
+def _ratio(baseline, variant):
+    if baseline is None or variant is None or variant == 0:
+        return None
+    return baseline / variant
+
+
+def _grid_score(best_accuracy, diverged):
+    return -1.0 if diverged or not math.isfinite(best_accuracy) else best_accuracy
+
+
+def steps_to_accuracy(
+    data,
+    config,
+    *,
+    variants=None,
+    seeds=(0, 1, 2),
+    lr_grid_start=None,
+    lr_grid_factor=3.0,
+    lr_grid_max=8,
+    tolerance=0.005,
+    variant_steps=None,
+    verbose=1,
+):
+    """The Figure 3 protocol: how many fewer steps the BN variants need to reach the baseline's best.
+
+    1. Learning-rate grid for the baseline (seed `seeds[0]`): starting at `lr_grid_start`
+       (default `config.learning_rate`), multiply by `lr_grid_factor` while the baseline's best
+       test accuracy keeps improving; stop only after a rate whose best accuracy is more than
+       `tolerance` below the best so far, or that diverges, so the chosen rate is never the
+       grid's upper edge; if the best is the first rate, extend downwards the same way. Among
+       rates within `tolerance` of the top accuracy, the one that reaches its own best in the
+       fewest steps wins (the fairest choice for the baseline).
+    2. The baseline trains `config.steps` steps per seed at that rate; its best test accuracy
+       (per seed) is the target, and the first step reaching it is the baseline's count.
+    3. Each BN variant trains `variant_steps` steps (default `config.steps`) at the baseline's
+       rate times its multiplier, evaluated every `config.eval_every` steps; its count is the first
+       evaluation at or above the target.
+
+    Returns:
+        A JSON-ready dict: the grid, the chosen rate, and per variant the steps and training
+        seconds to the target (median and per seed), `ratio` (baseline steps / variant steps, of
+        the medians), `ratio_per_seed`, `wall_clock_ratio` (the same in training seconds) and
+        each variant's best accuracy (median and per seed).
+    """
+    names = tuple(variants or FAMILY_VARIANTS[config.family])
+    baseline_name = BASELINE[config.family]
+    if baseline_name not in names:
+        raise ValueError(f"`variants` must include the baseline {baseline_name!r}. Received: {names}")
+    seeds = tuple(seeds)
+
+    def run(name, seed, learning_rate, steps):
+        # `learning_rate` is the baseline's; `build_variant` applies the variant's multiplier, and
+        # the lr decay keeps the baseline budget as its time scale whatever the run's length.
+        run_config = dataclasses.replace(
+            config, learning_rate=learning_rate, steps=steps, decay_horizon=config.steps
+        )
+        variant = VARIANTS[name]
+        model = build_variant(variant, run_config, data.input_shape, data.classes, seed=seed)
+        return train_and_track(
+            model,
+            data,
+            run_config,
+            reshuffle=variant.reshuffle,
+            seed=seed,
+            verbose=verbose,
+            label=f"{config.family} {name} lr={learning_rate * variant.lr_multiplier:.4g} "
+            f"seed={seed}",
+        )
+
+    # 1. The baseline's learning-rate grid.
+    start = lr_grid_start or config.learning_rate
+    grid = {}
+
+    def try_rate(lr):
+        history = run(baseline_name, seeds[0], lr, config.steps)
+        grid[lr] = history
+        return _grid_score(history.best()[0], history.diverged)
+
+    def top():
+        return max(_grid_score(h.best()[0], h.diverged) for h in grid.values())
+
+    def choose():
+        candidates = [
+            r for r, h in grid.items() if _grid_score(h.best()[0], h.diverged) >= top() - tolerance
+        ]
+        return min(candidates, key=lambda r: (grid[r].best()[1], -grid[r].best()[0]))
+
+    lr = start
+    try_rate(lr)
+    while len(grid) < lr_grid_max:  # upwards until the baseline degrades or diverges
+        lr *= lr_grid_factor
+        if try_rate(lr) < top() - tolerance:
+            break
+    lr = start
+    while len(grid) < lr_grid_max and choose() == min(grid):  # downwards if the best is the lowest
+        lr /= lr_grid_factor
+        try_rate(lr)
+    chosen = choose()
+    rates = sorted(grid)
+    inside = rates[0] < chosen < rates[-1]
+    if not inside:
+        logger.warning("The chosen learning rate %g lies at the grid's edge %s.", chosen, rates)
+
+    # 2 and 3. Baseline per seed, then every variant per seed.
+    histories = {baseline_name: {seeds[0]: grid[chosen]}}
+    for seed in seeds[1:]:
+        histories[baseline_name][seed] = run(baseline_name, seed, chosen, config.steps)
+    targets = {seed: histories[baseline_name][seed].best()[0] for seed in seeds}
+    for name in names:
+        if name == baseline_name:
+            continue
+        histories[name] = {
+            seed: run(name, seed, chosen, variant_steps or config.steps)
+            for seed in seeds
+        }
+
+    results = {}
+    base_steps = [histories[baseline_name][s].first_reaching(targets[s])[0] for s in seeds]
+    base_seconds = [histories[baseline_name][s].first_reaching(targets[s])[1] for s in seeds]
+    for name in names:
+        reached = [histories[name][s].first_reaching(targets[s]) for s in seeds]
+        steps = [r[0] for r in reached]
+        seconds = [r[1] for r in reached]
+        best_accuracy = [histories[name][s].best()[0] for s in seeds]
+        results[name] = {
+            "learning_rate": chosen * VARIANTS[name].lr_multiplier,
+            "steps_to_target": {"median": _median(steps), "per_seed": steps},
+            "seconds_to_target": {"median": _median(seconds), "per_seed": seconds},
+            "ratio": _ratio(_median(base_steps), _median(steps)),
+            "ratio_per_seed": [_ratio(b, v) for b, v in zip(base_steps, steps)],
+            "wall_clock_ratio": _ratio(_median(base_seconds), _median(seconds)),
+            "best_accuracy": {"median": float(np.median(best_accuracy)), "per_seed": best_accuracy},
+            # After the whole run, BN with the exact population statistics of Algorithm 2.
+            "final_accuracy_population": _median(
+                [histories[name][s].final_accuracy for s in seeds]
+            ),
+            "seconds_per_step": float(np.median(
+                [histories[name][s].seconds[-1] / max(1, histories[name][s].steps[-1]) for s in seeds]
+            )),
+            "histories": {str(s): histories[name][s].to_dict() for s in seeds},
+        }
+    return {
+        "family": config.family,
+        "data": data.name,
+        "baseline": baseline_name,
+        "config": dataclasses.asdict(config),
+        "variant_steps": variant_steps or config.steps,
+        "seeds": list(seeds),
+        "targets": {str(s): targets[s] for s in seeds},
+        "learning_rate_grid": {
+            "rates": rates,
+            "best_accuracy": [grid[r].best()[0] for r in rates],
+            "steps_to_best": [grid[r].best()[1] for r in rates],
+            "diverged": [grid[r].diverged for r in rates],
+            "chosen": chosen,
+            "chosen_inside_grid": inside,
+        },
+        "variants": results,
+    }
