@@ -121,18 +121,18 @@ def main(argv=None):
         output = stem + ".onnx"
 
     with _native_stderr_silenced(not args.verbose):
-        import export
+        from export.onnx_export import VerificationError, to_onnx
 
     try:
         with _native_stderr_silenced(not args.verbose):
-            result = export.to_onnx(
+            result = to_onnx(
                 args.model, output, opset=args.opset, input_names=args.input_names,
                 output_names=args.output_names, channels_first=args.channels_first,
                 float16_weights=args.float16_weights, fold=not args.no_fold,
                 verify=not args.no_verify, batch_sizes=args.batch_sizes,
                 tolerance=args.tolerance,
             )
-    except export.VerificationError as error:
+    except VerificationError as error:
         return _fail(f"verification failed: {error}", EXIT_VERIFICATION_FAILED)
     except FileNotFoundError as error:
         return _fail(error)

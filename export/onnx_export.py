@@ -15,7 +15,7 @@ import time
 import keras
 import numpy as np
 
-from export.freeze import _check_model, freeze
+from export.freezing import _check_model, freeze
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,216 @@
+"""export.to_onnx: conversion, onnx.checker, onnxruntime parity, options, atomic write, errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import numpy_helper
+
+import export
+from export import onnx_export
+
+
+def _run(path, feed):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def _relative_error(got, want):
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def test_export_folds_freezes_and_matches_keras(model, tmp_path, normalization_ops):
+    path = tmp_path / "residual.onnx"
+    result = export.to_onnx(model, path)
+
+    graph = onnx.load(path).graph
+    ops = [node.op_type for node in graph.node]
+    assert normalization_ops.isdisjoint(ops)
+    assert result.node_counts == {op: ops.count(op) for op in set(ops)}
+    assert result.num_nodes == len(ops)
+    # Two BN folded into conv and dense; the one after Add is a single Mul (+ its Add).
+    assert ops.count("Mul") == 1
+    assert [name for name, _ in result.frozen] == ["bn_add"]
+    assert len(result.folded) == 2 and result.removed == ["dropout"]
+    assert result.input_names == ["image"] and result.output_names == ["logits"]
+    assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert result.file_size == os.path.getsize(path) and result.path == str(path)
+    assert 0 <= result.max_error < 1e-4 and result.batch_sizes == (1, 3)
+
+    # Parity checked here too, on fresh inputs, rather than trusting the result's number.
+    for batch_size in (1, 3):
+        x = np.random.default_rng(10 + batch_size).standard_normal((batch_size, 8, 8, 3))
+        x = x.astype("float32")
+        (got,) = _run(path, {"image": x})
+        want = keras.ops.convert_to_numpy(model(x, training=False))
+        assert got.shape == want.shape
+        assert _relative_error(got, want) < 1e-4
+    assert [f.name for f in tmp_path.iterdir()] == ["residual.onnx"]  # no temporary left
+
+
+def test_no_fold_freezes_every_bn_to_mul_add(model, tmp_path, normalization_ops):
+    result = export.to_onnx(model, tmp_path / "frozen.onnx", fold=False)
+    assert result.folded == [] and len(result.frozen) == 3
+    assert normalization_ops.isdisjoint(result.node_counts)
+    assert result.max_error < 1e-4
+
+
+def test_channels_first_input(model, tmp_path):
+    path = tmp_path / "nchw.onnx"
+    result = export.to_onnx(model, path, channels_first=True, input_names=["pixels"],
+                            output_names=["scores"])
+    graph = onnx.load(path).graph
+    dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 8, 8]
+    assert result.channels_first and "Transpose" not in result.node_counts
+    x = np.random.default_rng(5).standard_normal((2, 8, 8, 3)).astype("float32")
+    (got,) = _run(path, {"pixels": x.transpose(0, 3, 1, 2)})
+    assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
+    assert [o.name for o in graph.output] == ["scores"]
+
+
+def test_float16_weights_halve_the_file(tmp_path, randomize):
+    inputs = keras.Input((32,))
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(512)(inputs))
+    model = randomize(keras.Model(inputs, keras.layers.Dense(10)(hidden)))
+    full = export.to_onnx(model, tmp_path / "full.onnx")
+    half = export.to_onnx(model, tmp_path / "half.onnx", float16_weights=True)
+    assert half.float16_weights and half.file_size < 0.55 * full.file_size
+    initializers = onnx.load(tmp_path / "half.onnx").graph.initializer
+    big = [t for t in initializers if numpy_helper.to_array(t).size > 1]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert 0 < half.max_error < 1e-2
+
+
+def _two_in_two_out():
+    image = keras.Input((6, 6, 2), name="image")
+    extra = keras.Input((3,), name="extra")
+    x = keras.layers.Conv2D(4, 3, name="conv")(image)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalMaxPooling2D()(x)
+    x = keras.layers.Concatenate()([x, extra])
+    x = keras.layers.BatchNormalization(name="bn_concat")(x)
+    return keras.Model({"image": image, "extra": extra},
+                       [keras.layers.Dense(2, name="a")(x), keras.layers.Dense(1, name="b")(x)])
+
+
+def test_multiple_inputs_and_outputs(tmp_path, randomize):
+    model = randomize(_two_in_two_out())
+    path = tmp_path / "two.onnx"
+    result = export.to_onnx(model, path)
+    assert result.output_names == ["a", "b"]
+    rng = np.random.default_rng(6)
+    inputs = {"image": rng.standard_normal((3, 6, 6, 2)).astype("float32"),
+              "extra": rng.standard_normal((3, 3)).astype("float32")}
+    got = _run(path, {name: inputs[name] for name in result.input_names})
+    want = model(inputs, training=False)
+    for g, w in zip(got, want):
+        assert _relative_error(g, keras.ops.convert_to_numpy(w)) < 1e-4
+
+
+def test_exports_a_keras_file_saved_under_jax(tmp_path):
+    """A model trained under JAX exports here under TensorFlow, matching JAX's own outputs."""
+    script = textwrap.dedent(f"""
+        import os
+        os.environ["KERAS_BACKEND"] = "jax"
+        import keras, numpy as np, keras_bn
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+        x = keras_bn.BatchNormalization()(x)
+        y = keras.layers.Conv2D(4, 1)(inputs)
+        x = keras_bn.BatchNormalization()(keras.layers.Add()([x, y]))
+        model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+        data = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype("float32")
+        model.compile("sgd", "mse")
+        model.fit(data, np.zeros((16, 3)), epochs=2, batch_size=8, verbose=0)
+        x = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype("float32")
+        np.savez(r"{tmp_path / 'reference.npz'}", x=x, y=np.asarray(model(x, training=False)))
+        model.save(r"{tmp_path / 'jax.keras'}")
+        assert keras.backend.backend() == "jax"
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+
+    result = export.to_onnx(tmp_path / "jax.keras", tmp_path / "jax.onnx")
+    assert len(result.folded) == 1 and len(result.frozen) == 1
+    reference = np.load(tmp_path / "reference.npz")
+    (got,) = _run(tmp_path / "jax.onnx", {result.input_names[0]: reference["x"]})
+    assert _relative_error(got, reference["y"]) < 1e-4
+
+
+def _corrupt_first_weight(convert):
+    def corrupted(*args, **kwargs):
+        proto = convert(*args, **kwargs)
+        weights = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1.5,
+                                                 weights.name))
+        return proto
+    return corrupted
+
+
+def test_verification_failure_writes_nothing(model, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous export")
+    monkeypatch.setattr(onnx_export, "_convert", _corrupt_first_weight(onnx_export._convert))
+    with pytest.raises(export.VerificationError, match="differs from Keras"):
+        export.to_onnx(model, path)
+    assert path.read_bytes() == b"previous export"
+    assert [f.name for f in tmp_path.iterdir()] == ["model.onnx"]
+    # verify=False trusts the (wrong) conversion: the check is what caught it.
+    assert export.to_onnx(model, path, verify=False).max_error is None
+
+
+def test_failed_write_leaves_no_partial_file(model, tmp_path, monkeypatch):
+    def refuse(source, target):
+        raise OSError("disk full")
+    monkeypatch.setattr(onnx_export.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        export.to_onnx(model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"opset": 5}, "opset must be an integer from 13 to 18"),
+    ({"batch_sizes": (2, 2)}, "two different positive sizes"),
+    ({"tolerance": 0}, "tolerance must be a positive"),
+    ({"input_names": ["a", "b"]}, "input_names must hold 1"),
+    ({"output_names": ["image"]}, "input and output names must differ"),
+])
+def test_bad_arguments(model, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export.to_onnx(model, tmp_path / "x.onnx", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_paths_and_models(model, tmp_path):
+    with pytest.raises(OSError, match="does not exist"):
+        export.to_onnx(model, tmp_path / "missing" / "x.onnx")
+    with pytest.raises(OSError, match="is a directory"):
+        export.to_onnx(model, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        export.to_onnx(tmp_path / "absent.keras", tmp_path / "x.onnx")
+    (tmp_path / "notes.keras").write_text("not a zip archive")
+    with pytest.raises(ValueError, match="could not load"):
+        export.to_onnx(tmp_path / "notes.keras", tmp_path / "x.onnx")
+    (tmp_path / "weights.h5").write_text("")
+    with pytest.raises(ValueError, match="ending in .keras"):
+        export.to_onnx(tmp_path / "weights.h5", tmp_path / "x.onnx")
+    with pytest.raises(TypeError, match="keras.Model"):
+        export.to_onnx(np.zeros(3), tmp_path / "x.onnx")
+
+    dynamic = keras.Input((None, None, 3))
+    any_size = keras.Model(dynamic, keras.layers.Conv2D(2, 3)(dynamic))
+    with pytest.raises(ValueError, match="every input dimension but the batch"):
+        export.to_onnx(any_size, tmp_path / "x.onnx")
+    flat = keras.Input((5,))
+    dense = keras.Model(flat, keras.layers.Dense(2)(flat))
+    with pytest.raises(ValueError, match="rank-4"):
+        export.to_onnx(dense, tmp_path / "x.onnx", channels_first=True)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.keras", "weights.h5"]
