@@ -116,7 +116,7 @@ def test_bn_after_every_producer_folds(case):
     folded, report = fold_and_check(model, folded_count=1)
     assert report.folded == [("bn", "p")]
     assert folded.get_layer("p").use_bias
-    assert [layer.name for layer in folded.layers][1:] == ["p", "relu"]
+    assert [layer.name for layer in folded.layers] == [model.layers[0].name, "p", "relu"]
 
 
 CONSUMERS = {
@@ -472,3 +472,21 @@ def test_applications_fold_completely(application, size, count):
     folded, report = fold_and_check(model, folded_count=count)
     assert report.left == []
     assert len(folded.layers) == len(model.layers) - count
+
+
+def test_keras_ops_calls_in_the_graph_are_kept():
+    inputs = keras.Input((8, 8, 3))
+    x = layers.BatchNormalization(name="bn")(layers.Conv2D(3, 3, padding="same", name="conv")(inputs))
+    outputs = layers.BatchNormalization(name="bn_after_add")(x + inputs)  # an ops.Add node
+    _, report = fold_and_check(keras.Model(inputs, outputs), folded_count=1, left_count=1)
+    assert "fed by Add" in _left_reason(report, "bn_after_add")
+
+
+def test_folded_model_saves_and_loads(tmp_path):
+    model = chain((9, 9, 3), layers.Conv2D(4, 3, name="conv"), keras_bn.BatchNormalization(name="bn"))
+    folded, _ = fold_and_check(model, folded_count=1)
+    path = str(tmp_path / "folded.keras")
+    folded.save(path)
+    loaded = keras.models.load_model(path)
+    assert [layer.name for layer in loaded.layers] == [layer.name for layer in folded.layers]
+    assert_same_outputs(folded, loaded, rtol=1e-6)

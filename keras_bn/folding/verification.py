@@ -3,10 +3,13 @@
 import keras
 import numpy as np
 
-# Relative tolerance per compute dtype: folding reorders float arithmetic, so the folded model
-# differs from the original by rounding, a few units of the dtype's precision times the depth.
+# Relative tolerance per compute dtype. Folding rounds the new weights to the layer's dtype and
+# reorders the arithmetic, and a deep network can amplify that rounding a thousandfold: measured
+# on keras.applications.EfficientNetV2B0 (weights=None, BN statistics randomized) in float32,
+# 6e-5 to 6e-4 of the output scale, while in float64 the same fold differs by 2e-13 (exact).
+# A wrong fold (an axis, a bias, a forgotten epsilon) shows at 1e-2 and above.
 _TOLERANCES = {"float16": 1e-2, "bfloat16": 5e-2}
-_DEFAULT_TOLERANCE = 1e-4
+_DEFAULT_TOLERANCE = 1e-3
 _BATCH_SIZE = 2
 _UNKNOWN_DIMENSION = 32
 
@@ -55,8 +58,10 @@ def verify_outputs(original, folded, report, tolerance=None):
         raise ValueError(
             f"Folding BN changed the outputs of model {original.name!r}: max |folded - original| "
             f"= {max_error:.3g} on a random batch, above tolerance {tolerance:g} x scale "
-            f"{scale:.3g}. This is a bug in keras_bn.fold_batchnorm; the folded model was not "
-            f"returned. What was planned:\n{report}"
+            f"{scale:.3g}; the folded model was not returned. Rounding alone stays far below "
+            "this unless the network amplifies it (deep and untrained): then pass a larger "
+            "tolerance; otherwise this is a bug in keras_bn.fold_batchnorm, please report it "
+            f"with this plan:\n{report}"
         )
 
 
