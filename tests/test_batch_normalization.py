@@ -387,3 +387,16 @@ def test_per_channel_reference_helper_is_consistent():
     y, mean, variance, _ = bn_train_forward(x, gamma, beta)
     np.testing.assert_allclose(bn_inference(x, gamma, beta, mean, variance), y, rtol=1e-10)
     assert per_channel(np.arange(3), (5, 4, 3), -1).shape == (1, 1, 3)
+
+
+def test_statistics_stay_accurate_for_a_large_mean_against_a_small_spread():
+    # E[x^2] - E[x]^2 with no shift would lose every digit of a unit variance at a mean of 1e4.
+    rng = np.random.default_rng(14)
+    x = (1e4 + rng.normal(0, 1, (64, 8))).astype("float32")
+    layer = keras_bn.BatchNormalization(momentum=0.0, fused=False)
+    y = np.asarray(layer(x, training=True))
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), x.astype("float64").var(0, ddof=1), rtol=1e-3
+    )
+    expected, _, _, _ = bn_train_forward(x, np.ones(8), np.zeros(8))
+    np.testing.assert_allclose(y, expected, atol=5e-3)
