@@ -320,8 +320,10 @@ def _check_size(model):
 
 
 def _convert(frozen, inputs, output_names, opset, nchw):
+    """The ONNX graph of `frozen(x, training=False)`, its tensors named as asked."""
     import tensorflow as tf
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name)
                  for spec in inputs]
@@ -331,13 +333,38 @@ def _convert(frozen, inputs, output_names, opset, nchw):
     def inference(*tensors):
         model_inputs = (keras.tree.pack_sequence_as(structure, list(tensors))
                         if structure is not None else tensors[0])
+        # identity: every output its own tensor, even where the model repeats one
         return [tf.identity(t) for t in keras.tree.flatten(frozen(model_inputs, training=False))]
 
     try:
-        proto, _ = tf2onnx.convert.from_function(
-            inference, input_signature=signature, opset=opset, inputs_as_nchw=nchw or None
+        # Freezing here rather than in tf2onnx.convert.from_function turns captured tensors
+        # (e.g. a Normalization layer's mean and variance, which are not variables) into
+        # constants; from_function would make each of them an extra graph input.
+        function = convert_variables_to_constants_v2(
+            inference.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
         )
-    except Exception as error:  # tf2onnx raises whatever its handlers raise
+        tf_inputs = [t.name for t in function.inputs]
+        tf_outputs = [t.name for t in function.outputs]
+        if len(tf_inputs) != len(inputs) or len(tf_outputs) != len(output_names):
+            raise ValueError(
+                f"the traced function has {len(tf_inputs)} inputs and {len(tf_outputs)} outputs; "
+                f"the model {len(inputs)} and {len(output_names)}"
+            )
+        renames = dict(zip(tf_inputs, [spec.name for spec in inputs]))
+        renames.update(zip(tf_outputs, output_names))
+        transposed = [tf_inputs[i] for i, spec in enumerate(inputs) if spec.name in nchw]
+        tf_logger = tf.get_logger()
+        level = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)  # tf2onnx's TF1 freezing calls log deprecation notices
+        try:
+            proto, _ = tf2onnx.convert.from_graph_def(
+                function.graph.as_graph_def(add_shapes=True), name=frozen.name,
+                input_names=tf_inputs, output_names=tf_outputs, opset=opset,
+                inputs_as_nchw=transposed, tensors_to_rename=renames,
+            )
+        finally:
+            tf_logger.setLevel(level)
+    except Exception as error:  # TensorFlow and tf2onnx raise whatever their handlers raise
         raise ValueError(f"tf2onnx could not convert the model: {_one_line(error)}") from error
 
     graph = proto.graph
@@ -348,13 +375,10 @@ def _convert(frozen, inputs, output_names, opset, nchw):
             f"tf2onnx has no ONNX equivalent for the TensorFlow operation(s) {unconverted} at "
             f"opset {opset}; try another opset or replace the layers that use them"
         )
-    if len(graph.output) != len(output_names):
-        raise ValueError(
-            f"the converted graph has {len(graph.output)} outputs, the model {len(output_names)}; "
-            "models with nested or optional outputs are not supported"
-        )
-    for output, name in zip(list(graph.output), output_names):
-        _rename_tensor(graph, output.name, name)
+    names = ([v.name for v in graph.input], [v.name for v in graph.output])
+    if names != ([spec.name for spec in inputs], list(output_names)):
+        raise ValueError(f"the converted graph has inputs {names[0]} and outputs {names[1]}; "
+                         f"expected {[spec.name for spec in inputs]} and {list(output_names)}")
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
@@ -371,26 +395,6 @@ def _is_onnx_op(op_type, opset):
     except Exception:  # onnx raises SchemaError for an unknown operator
         return False
     return True
-
-
-def _rename_tensor(graph, old, new):
-    if old == new:
-        return
-    if any(value.name == old for value in graph.input):
-        # An output that is an input needs a node of its own to carry another name.
-        from onnx import helper
-
-        graph.node.append(helper.make_node("Identity", [old], [new], name=f"{new}_identity"))
-    else:
-        for node in graph.node:
-            node.input[:] = [new if name == old else name for name in node.input]
-            node.output[:] = [new if name == old else name for name in node.output]
-        for value in graph.value_info:
-            if value.name == old:
-                value.name = new
-    for value in graph.output:
-        if value.name == old:
-            value.name = new
 
 
 def _store_weights_as_float16(proto):

@@ -115,6 +115,19 @@ def test_multiple_inputs_and_outputs(tmp_path, randomize):
         assert _relative_error(g, keras.ops.convert_to_numpy(w)) < 1e-4
 
 
+def test_captured_constants_stay_constants(tmp_path, randomize):
+    """A Normalization layer's mean and variance are tensors, not variables: they must become
+    constants, not extra graph inputs (as tf2onnx.convert.from_function would make them)."""
+    inputs = keras.Input((6, 6, 3), name="pixels")
+    x = keras.layers.Normalization(mean=[0.5, 0.1, -0.2], variance=[4.0, 2.0, 0.5])(inputs)
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+    model = randomize(keras.Model(inputs, keras.layers.Flatten()(x)))
+    path = tmp_path / "normalized.onnx"
+    result = export.to_onnx(model, path)
+    assert [i.name for i in onnx.load(path).graph.input] == ["pixels"]
+    assert result.max_error < 1e-4
+
+
 def test_exports_a_keras_file_saved_under_jax(tmp_path):
     """A model trained under JAX exports here under TensorFlow, matching JAX's own outputs."""
     script = textwrap.dedent(f"""
