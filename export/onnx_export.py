@@ -77,7 +77,7 @@ class ExportResult:
             f"wrote {self.path} ({self.file_size / 2**20:.2f} MiB, opset {self.opset}, "
             f"{self.seconds:.1f} s)",
             f"BatchNormalization: {len(self.folded)} folded, {len(self.frozen)} frozen to "
-            f"Mul+Add; {len(self.removed)} training-only layers removed",
+            f"constants (Mul+Add); {len(self.removed)} training-only layers removed",
             f"nodes: {self.num_nodes} ({nodes})",
             f"max error vs Keras: {error}",
         ])
@@ -137,7 +137,11 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     if not float(tolerance) > 0:
         raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")
     path = _check_output_path(path)
-    model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    if isinstance(model, (str, os.PathLike)):
+        if os.path.abspath(os.fspath(model)) == path:
+            raise ValueError(f"the output path is the model file itself: {path}")
+        logger.info("to_onnx: loading %s", os.fspath(model))
+        model = load_model(model)
     _check_model(model, "to_onnx")
     inputs = _input_specs(model, input_names)
     output_names = _output_names(model, output_names)
@@ -146,6 +150,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         raise ValueError(f"input and output names must differ. Received both: {clashes}")
     _check_size(model)
 
+    logger.info("to_onnx: freezing '%s'", model.name)
     frozen = freeze(model, fold=fold, verify=verify)
     nchw = [spec.name for spec in inputs if channels_first and len(spec.shape) == 4]
     if channels_first and not nchw:
@@ -153,6 +158,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
             "channels_first=True transposes rank-4 (image) inputs to NCHW, but this model has "
             f"none. Received input shapes: {[tuple(spec.shape) for spec in inputs]}"
         )
+    logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
     proto = _convert(frozen, inputs, output_names, opset, nchw)
     if float16_weights:
         _store_weights_as_float16(proto)
@@ -161,6 +167,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
 
     max_error = None
     if verify:
+        logger.info("to_onnx: verifying with onnxruntime at batch sizes %s", batch_sizes)
         max_error = _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed)
     _write_atomically(data, path)
     report = frozen.freeze_report

@@ -19,7 +19,7 @@ def test_success_prints_summary(saved_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert output.exists()
     assert f"wrote {output}" in out and "opset 15" in out
-    assert "BatchNormalization: 2 folded, 1 frozen to Mul+Add" in out
+    assert "BatchNormalization: 2 folded, 1 frozen to constants (Mul+Add)" in out
     assert "max error vs Keras: " in out and "nodes: " in out
 
 

@@ -207,6 +207,9 @@ def test_bad_paths_and_models(model, tmp_path):
         export.to_onnx(model, tmp_path / "missing" / "x.onnx")
     with pytest.raises(OSError, match="is a directory"):
         export.to_onnx(model, tmp_path)
+    (tmp_path / "model.keras").write_text("")
+    with pytest.raises(ValueError, match="the model file itself"):
+        export.to_onnx(tmp_path / "model.keras", tmp_path / "model.keras")
     with pytest.raises(FileNotFoundError, match="no such model file"):
         export.to_onnx(tmp_path / "absent.keras", tmp_path / "x.onnx")
     (tmp_path / "notes.keras").write_text("not a zip archive")
@@ -226,4 +229,5 @@ def test_bad_paths_and_models(model, tmp_path):
     dense = keras.Model(flat, keras.layers.Dense(2)(flat))
     with pytest.raises(ValueError, match="rank-4"):
         export.to_onnx(dense, tmp_path / "x.onnx", channels_first=True)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.keras", "weights.h5"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["model.keras", "notes.keras",
+                                                          "weights.h5"]
