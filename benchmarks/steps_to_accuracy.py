@@ -26,7 +26,7 @@ from examples.data import load_dataset  # noqa: E402
 # Budgets long enough for each baseline to plateau on digits (see the README's measurements).
 NETWORKS = {
     "mlp": dict(batch_size=60, steps=3000, variant_steps=1000, learning_rate=0.1),
-    "inception": dict(batch_size=32, steps=1200, variant_steps=600, learning_rate=0.01),
+    "inception": dict(batch_size=32, steps=600, variant_steps=300, learning_rate=0.01),
 }
 QUICK = {
     "mlp": dict(batch_size=60, steps=30, variant_steps=20, learning_rate=0.1),
@@ -48,6 +48,10 @@ def main(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--alpha", type=float, default=0.125, help="BN-Inception's width")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="variants (default: Inception, BN-Baseline, BN-x5, BN-x30; "
+                             "BN-x5-Sigmoid is in examples/train_inception.py)")
+    parser.set_defaults(statistics="moving")
     args = parser.parse_args(argv)
     cli.apply_runtime_options(args)
     settings = QUICK if args.quick else NETWORKS
@@ -64,17 +68,20 @@ def main(argv=None):
             learning_rate=s["learning_rate"],
             batch_size=s["batch_size"],
             steps=s["steps"],
-            eval_every=max(1, s["steps"] // 100),
+            eval_every=max(1, s["steps"] // (5 if args.quick else 100)),
             alpha=args.alpha,
             statistics=args.statistics,
             data_parallel=args.data_parallel,
+            run_eagerly=args.quick,
+            final_population=not args.quick,
         )
         with training.data_parallel_scope(args.data_parallel):
             result = training.steps_to_accuracy(
                 data,
                 config,
                 seeds=seeds,
-                lr_grid_max=3 if args.quick else 8,
+                variants=args.variants or ("Inception", "BN-Baseline", "BN-x5", "BN-x30"),
+                lr_grid_max=2 if args.quick else 8,
                 variant_steps=s["variant_steps"],
                 verbose=args.verbose,
             )

@@ -25,15 +25,32 @@ def add_common_arguments(parser):
                         help="data parallelism over all local devices (tf.distribute."
                              "MirroredStrategy with synchronized BN on TensorFlow, "
                              "keras.distribution.DataParallel on JAX)")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="TensorFlow: split the CPU into this many logical devices, to try "
+                             "--data-parallel without accelerators (on JAX set XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N instead)")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1),
                         help="1 shows progress bars")
     return parser
 
 
 def apply_runtime_options(args):
-    """Set the mixed-precision policy (before any model is built)."""
+    """Set the logical CPU devices and the mixed-precision policy (before any model is built)."""
     import keras
 
+    if args.cpu_devices:
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "--cpu-devices configures TensorFlow's logical devices; on JAX set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=N. "
+                f"Received: backend {keras.backend.backend()!r}"
+            )
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_devices
+        )
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy(args.mixed_precision)
 

@@ -117,7 +117,7 @@ def main(argv=None):
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         steps=steps,
-        eval_every=max(1, steps // 100),
+        eval_every=max(1, steps // (5 if args.quick else 100)),
         statistics=args.statistics,
         data_parallel=args.data_parallel,
     )

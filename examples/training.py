@@ -84,6 +84,9 @@ class Config:
     statistics: str = "population"
     population_batches: int | None = None  # training batches for the population estimate (all)
     data_parallel: bool = False  # MirroredStrategy (TF) / keras.distribution.DataParallel (JAX)
+    final_population: bool = True  # also evaluate with population statistics after training
+    jit_compile: str | bool = "auto"  # passed to `model.compile`
+    run_eagerly: bool = False  # no compilation at all: for quick checks of large graphs
 
 
 def build_variant(variant, config, input_shape, classes, seed=0):
@@ -126,7 +129,8 @@ def build_variant(variant, config, input_shape, classes, seed=0):
     model.compile(
         optimizer=keras.optimizers.SGD(schedule, momentum=config.momentum),
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        jit_compile=config.jit_compile,
+        run_eagerly=config.run_eagerly,
     )
     return model
 
@@ -342,8 +346,10 @@ def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None,
         history.seconds = [max(0.0, s - history.compile_seconds) for s in history.seconds]
     if not history.diverged:
         history.final_accuracy_moving = evaluate_accuracy(model, data.x_test, data.y_test)
-        set_population_statistics(model, x_train, config)
-        history.final_accuracy = evaluate_accuracy(model, data.x_test, data.y_test)
+        history.final_accuracy = history.final_accuracy_moving
+        if config.final_population and has_batch_normalization(model):
+            set_population_statistics(model, x_train, config)
+            history.final_accuracy = evaluate_accuracy(model, data.x_test, data.y_test)
     return history
 
 
@@ -376,6 +382,7 @@ def steps_to_accuracy(
     tolerance=0.005,
     variant_steps=None,
     verbose=1,
+    return_models=False,
 ):
     """The Figure 3 protocol: how many fewer steps the BN variants need to reach the baseline's best.
 
@@ -396,13 +403,16 @@ def steps_to_accuracy(
         A JSON-ready dict: the grid, the chosen rate, and per variant the steps and training
         seconds to the target (median and per seed), `ratio` (baseline steps / variant steps, of
         the medians), `ratio_per_seed`, `wall_clock_ratio` (the same in training seconds) and
-        each variant's best accuracy (median and per seed).
+        each variant's best accuracy (median and per seed). With `return_models=True`, a pair
+        `(result, models)` where `models` maps each variant to its trained model of the last seed.
     """
     names = tuple(variants or FAMILY_VARIANTS[config.family])
     baseline_name = BASELINE[config.family]
     if baseline_name not in names:
         raise ValueError(f"`variants` must include the baseline {baseline_name!r}. Received: {names}")
     seeds = tuple(seeds)
+
+    trained = {}
 
     def run(name, seed, learning_rate, steps):
         # `learning_rate` is the baseline's; `build_variant` applies the variant's multiplier, and
@@ -412,6 +422,8 @@ def steps_to_accuracy(
         )
         variant = VARIANTS[name]
         model = build_variant(variant, run_config, data.input_shape, data.classes, seed=seed)
+        if return_models:
+            trained[(name, seed, learning_rate)] = model
         return train_and_track(
             model,
             data,
@@ -495,7 +507,7 @@ def steps_to_accuracy(
             )),
             "histories": {str(s): histories[name][s].to_dict() for s in seeds},
         }
-    return {
+    result = {
         "family": config.family,
         "data": data.name,
         "baseline": baseline_name,
@@ -513,3 +525,6 @@ def steps_to_accuracy(
         },
         "variants": results,
     }
+    if return_models:
+        return result, {name: trained[(name, seeds[-1], chosen)] for name in names}
+    return result

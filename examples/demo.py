@@ -1,0 +1,198 @@
+"""The whole pipeline on scikit-learn's bundled digits, in a few minutes on a laptop CPU (`make demo`).
+
+1. Train a small BN-Inception (BN-x5) and its Inception baseline (no BN) with the Figure 3
+   protocol: the baseline's learning rate from a grid, its best test accuracy as the target, and
+   the steps BN-x5 needs to reach it; print the table.
+2. Estimate exact population statistics (Algorithm 2) for the BN-x5 network.
+3. Fold BN into the convolutions (`keras_bn.fold_batchnorm`, verified).
+4. Export ONNX (`export.to_onnx`, verified in onnxruntime), then check it again on the digits test
+   set in onnxruntime.
+5. Print the latency of the unfolded and folded Keras models and of the ONNX graph.
+
+Leaves the ONNX file, the plot, the table and a JSON summary in --output-dir (default
+demo_output/). TensorFlow backend (the ONNX export goes through tf2onnx).
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from examples import cli, reporting, training  # noqa: E402
+from examples.data import load_dataset  # noqa: E402
+
+DEFAULT_OUTPUT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_output"
+)
+
+
+def median_latency_ms(run, repeats):
+    """Median wall time of `run()` in milliseconds, after two warm-up calls."""
+    run()
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def keras_runner(model, x):
+    """Inference in a compiled TensorFlow function (what a served Keras model runs)."""
+    import tensorflow as tf
+
+    call = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+    tensor = tf.constant(x)
+    return lambda: call(tensor).numpy()
+
+
+def onnx_runner(session, x):
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: x})[0]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where results go")
+    parser.add_argument("--steps", type=int, default=400, help="the baseline's budget")
+    parser.add_argument("--variant-steps", type=int, default=200, help="BN-x5's steps")
+    parser.add_argument("--learning-rate", type=float, default=0.01,
+                        help="first rate of the baseline's grid")
+    parser.add_argument("--alpha", type=float, default=0.125, help="BN-Inception's width")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (tests)")
+    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1))
+    args = parser.parse_args(argv)
+
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "The demo exports ONNX through tf2onnx and needs KERAS_BACKEND=tensorflow. "
+            f"Received: KERAS_BACKEND={keras.backend.backend()}"
+        )
+    import onnxruntime
+
+    import export
+    import keras_bn
+
+    started = time.perf_counter()
+    out = args.output_dir
+    steps, variant_steps = (8, 6) if args.quick else (args.steps, args.variant_steps)
+    data = load_dataset("digits")
+    if args.quick:
+        data.x_train, data.y_train = data.x_train[:192], data.y_train[:192]
+    config = training.Config(
+        family="inception",
+        learning_rate=args.learning_rate,
+        batch_size=32,
+        steps=steps,
+        eval_every=max(1, steps // 100),
+        alpha=args.alpha,
+        statistics="moving",  # the paper's tracking; step 2 then sets population statistics
+        final_population=False,
+        run_eagerly=args.quick,
+    )
+
+    print(f"== 1. Steps to accuracy: BN-x5 vs Inception on digits ({len(data.x_train)} training "
+          f"images), baseline lr from a grid")
+    result, trained = training.steps_to_accuracy(
+        data,
+        config,
+        variants=("Inception", "BN-x5"),
+        seeds=(0,),
+        lr_grid_max=2 if args.quick else 5,
+        variant_steps=variant_steps,
+        verbose=args.verbose,
+        return_models=True,
+    )
+    table = reporting.steps_table(result)
+    print(table)
+    reporting.plot_accuracy_curves(result, os.path.join(out, "accuracy_vs_steps.png"),
+                                   "Demo: small BN-Inception on digits")
+    reporting.write_text(os.path.join(out, "steps_to_accuracy.md"), table)
+    model = trained["BN-x5"]
+
+    print("== 2. Population statistics (Algorithm 2)")
+    moving_accuracy = training.evaluate_accuracy(model, data.x_test, data.y_test)
+    batches = keras_bn.estimate_population_statistics(
+        model, data.x_train, steps=len(data.x_train) // 32, batch_size=32, verbose=args.verbose
+    )
+    population_accuracy = training.evaluate_accuracy(model, data.x_test, data.y_test)
+    print(f"test accuracy with moving averages {moving_accuracy:.2%}, with population statistics "
+          f"over {batches} batches {population_accuracy:.2%}")
+    model.save(os.path.join(out, "bn_inception_digits.keras"))
+
+    print("== 3. Fold BN into the convolutions")
+    folded = keras_bn.fold_batchnorm(model, verify=True)
+    report = folded.fold_report
+    print(report.summary_line())
+    folded_accuracy = training.evaluate_accuracy(folded, data.x_test, data.y_test)
+
+    print("== 4. Export ONNX and verify it in onnxruntime")
+    onnx_path = os.path.join(out, "bn_inception_digits.onnx")
+    exported = export.to_onnx(model, onnx_path)
+    print(exported.summary())
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    onnx_probabilities = session.run(None, {session.get_inputs()[0].name: data.x_test})[0]
+    keras_probabilities = model.predict(data.x_test, batch_size=256, verbose=0)
+    onnx_accuracy = float(np.mean(np.argmax(onnx_probabilities, -1) == data.y_test))
+    test_error = float(np.max(np.abs(onnx_probabilities - keras_probabilities)))
+    print(f"onnxruntime on the {len(data.x_test)} test digits: accuracy {onnx_accuracy:.2%} "
+          f"(Keras {population_accuracy:.2%}), max |onnx - keras| = {test_error:.2e}")
+
+    print("== 5. Latency (median, ms)")
+    repeats = 5 if args.quick else 50
+    latency = {}
+    for batch in (1, 64):
+        x = data.x_test[:batch]
+        latency[batch] = {
+            "keras_unfolded": median_latency_ms(keras_runner(model, x), repeats),
+            "keras_folded": median_latency_ms(keras_runner(folded, x), repeats),
+            "onnxruntime": median_latency_ms(onnx_runner(session, x), repeats),
+        }
+    lines = ["| batch | Keras unfolded | Keras folded | onnxruntime |", "|---|---|---|---|"]
+    for batch, row in latency.items():
+        lines.append(f"| {batch} | {row['keras_unfolded']:.2f} | {row['keras_folded']:.2f} | "
+                     f"{row['onnxruntime']:.2f} |")
+    print("\n".join(lines))
+
+    bn_x5 = result["variants"]["BN-x5"]
+    summary = {
+        "steps_to_accuracy": {
+            "target": result["targets"]["0"],
+            "baseline_learning_rate": result["learning_rate_grid"]["chosen"],
+            "grid": result["learning_rate_grid"]["rates"],
+            "baseline_steps": result["variants"]["Inception"]["steps_to_target"]["median"],
+            "bn_x5_steps": bn_x5["steps_to_target"]["median"],
+            "ratio": bn_x5["ratio"],
+            "wall_clock_ratio": bn_x5["wall_clock_ratio"],
+        },
+        "accuracy": {
+            "moving_averages": moving_accuracy,
+            "population_statistics": population_accuracy,
+            "folded": folded_accuracy,
+            "onnxruntime": onnx_accuracy,
+        },
+        "fold": {"folded": len(report.folded), "left": len(report.left),
+                 "max_error": report.max_error},
+        "onnx": {"path": exported.path, "nodes": exported.num_nodes,
+                 "node_counts": exported.node_counts, "max_error_random": exported.max_error,
+                 "max_error_test_set": test_error, "bytes": exported.file_size},
+        "latency_ms": {str(k): v for k, v in latency.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    reporting.write_json(os.path.join(out, "demo.json"), summary)
+    print(f"Done in {summary['seconds'] / 60:.1f} min. Files in {out}: "
+          f"{', '.join(sorted(os.listdir(out)))}")
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,88 @@
+"""The experiment scripts in quick mode: they run, write JSON/PNG/markdown, and say what they did."""
+import importlib.util
+import json
+import os
+import pathlib
+
+import keras
+import pytest
+
+from examples import demo, figure1, train_inception
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _load_benchmark():
+    path = ROOT / "benchmarks" / "steps_to_accuracy.py"
+    spec = importlib.util.spec_from_file_location("steps_to_accuracy_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+steps_benchmark = _load_benchmark()
+
+
+def test_figure1_quick(tmp_path, capsys):
+    figure1.main(["--quick", "--steps", "20", "--output-dir", str(tmp_path), "--verbose", "0"])
+    payload = json.loads((tmp_path / "figure1.json").read_text())
+    for label in ("without BN", "with BN"):
+        history = payload["results"][label]
+        assert history["steps"][-1] == 20 and len(history["probes"]) == len(history["steps"])
+        p = history["probes"][-1]
+        assert p["p15"] <= p["p50"] <= p["p85"]
+    assert (tmp_path / "figure1.png").stat().st_size > 10_000
+    assert "with BN" in (tmp_path / "figure1.md").read_text()
+    assert "Wrote figure1.json" in capsys.readouterr().out
+
+
+def test_train_inception_quick(tmp_path):
+    result = train_inception.main([
+        "--quick", "--output-dir", str(tmp_path), "--verbose", "0", "--statistics", "moving",
+        "--variants", "Inception", "BN-x5", "--steps", "4",
+    ])
+    assert set(result["variants"]) == {"Inception", "BN-x5"}
+    assert len(result["learning_rate_grid"]["rates"]) >= 2
+    assert (tmp_path / "figure2_inception_digits.png").stat().st_size > 10_000
+    table = (tmp_path / "figure3_inception_digits.md").read_text()
+    assert "| BN-x5 |" in table and "| Inception |" in table
+
+
+def test_steps_to_accuracy_benchmark_quick(tmp_path):
+    payload = steps_benchmark.main(["--quick", "--output-dir", str(tmp_path), "--verbose", "0",
+                                    "--seeds", "0", "--networks", "mlp", "--statistics", "moving"])
+    saved = json.loads((tmp_path / "steps_to_accuracy.json").read_text())
+    variants = saved["networks"]["mlp"]["variants"]
+    assert set(variants) == {"Inception", "BN-Baseline", "BN-x5", "BN-x30"}
+    for entry in variants.values():
+        assert {"steps_to_target", "ratio", "wall_clock_ratio", "best_accuracy"} <= set(entry)
+        assert len(entry["steps_to_target"]["per_seed"]) == 1
+    assert variants["Inception"]["ratio"] == 1.0
+    assert payload["backend"] == keras.backend.backend()
+    assert (tmp_path / "figure2_mlp_digits.png").exists()
+
+
+def test_scripts_report_bad_input_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_inception.cli.run_main(
+            lambda: train_inception.main(["--data", str(tmp_path / "missing.npz"), "--quick"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: MNIST file not found")
+
+
+def test_demo_quick(tmp_path, capsys):
+    if keras.backend.backend() != "tensorflow":
+        # The demo's ONNX export goes through tf2onnx: under another backend it says so.
+        with pytest.raises(ValueError, match="KERAS_BACKEND=tensorflow"):
+            demo.main(["--quick", "--output-dir", str(tmp_path)])
+        return
+    summary = demo.main(["--quick", "--output-dir", str(tmp_path), "--verbose", "0"])
+    assert os.path.isfile(tmp_path / "bn_inception_digits.onnx")
+    assert summary["fold"]["folded"] > 0 and summary["fold"]["left"] == 0
+    assert summary["onnx"]["max_error_test_set"] < 1e-4
+    assert summary["accuracy"]["onnxruntime"] == pytest.approx(
+        summary["accuracy"]["population_statistics"], abs=1e-6)
+    assert set(summary["latency_ms"]["1"]) == {"keras_unfolded", "keras_folded", "onnxruntime"}
+    out = capsys.readouterr().out
+    assert "steps to" in out and "onnxruntime" in out

@@ -1,0 +1,153 @@
+"""The training loop, the variants and the Figure 3 protocol (grid rule, target, counts)."""
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from examples import training
+from examples.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def digits_images():
+    data = load_dataset("digits")
+    data.x_train, data.y_train = data.x_train[:128], data.y_train[:128]
+    data.x_test, data.y_test = data.x_test[:64], data.y_test[:64]
+    return data
+
+
+def test_load_digits_shapes():
+    images = load_dataset("digits")
+    flat = load_dataset("digits", flatten=True)
+    assert images.x_train.shape[1:] == (8, 8, 1) and flat.x_train.shape[1:] == (64,)
+    assert len(images.x_train) + len(images.x_test) == 1797
+    assert images.classes == 10 and abs(float(images.x_train.mean())) < 1e-5
+    up = load_dataset("digits", image_size=(16, 16))
+    assert up.x_train.shape[1:] == (16, 16, 1)
+
+
+def test_load_dataset_rejects_unknown_source(tmp_path):
+    with pytest.raises(ValueError, match="Received: source='nope'"):
+        load_dataset("nope")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, a=np.zeros(3))
+    with pytest.raises(ValueError, match="lacks"):
+        load_dataset(str(bad))
+
+
+def test_load_mnist_npz_and_cifar_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8),
+             y_train=np.arange(20) % 10, x_test=rng.integers(0, 255, (5, 28, 28), dtype=np.uint8),
+             y_test=np.arange(5))
+    mnist = load_dataset(str(path), flatten=True)
+    assert mnist.x_train.shape == (20, 784) and mnist.classes == 10
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
+                         b"labels": [0, 1, 2, 9]}, f)
+    cifar = load_dataset(str(folder))
+    assert cifar.x_train.shape == (20, 32, 32, 3) and cifar.x_test.shape == (4, 32, 32, 3)
+
+
+def test_batch_indices_fixed_order_vs_reshuffle():
+    fixed = training.batch_indices(10, 5, 6, reshuffle=False, seed=0)
+    shuffled = training.batch_indices(10, 5, 6, reshuffle=True, seed=0)
+    assert (fixed[0] == fixed[2]).all() and (fixed[1] == fixed[5]).all()  # same batches each epoch
+    assert sorted(np.concatenate(shuffled[2:4])) == list(range(10))  # every epoch covers all
+    assert not all((shuffled[k] == shuffled[k + 2]).all() for k in (0, 2))
+
+
+def test_variants_map_the_papers_changes():
+    base, x5 = training.VARIANTS["Inception"], training.VARIANTS["BN-x5"]
+    assert not base.batch_norm and base.dropout and base.local_response_normalization
+    assert x5.batch_norm and x5.lr_multiplier == 5 and not x5.dropout
+    assert x5.l2_multiplier == pytest.approx(0.2) and x5.decay_speedup == 6 and x5.reshuffle
+    assert training.VARIANTS["BN-x30"].lr_multiplier == 30
+    assert training.VARIANTS["BN-x5-Sigmoid"].activation == "sigmoid"
+    config = training.Config(family="inception", learning_rate=0.01, steps=600)
+    model = training.build_variant("BN-x5", config, (8, 8, 1), 10)
+    schedule = model.optimizer.learning_rate if not hasattr(model.optimizer, "_learning_rate") \
+        else model.optimizer._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.05)
+    assert float(schedule(100)) == pytest.approx(0.05 * 0.25, rel=1e-5)  # 6x faster: 600/6 steps
+
+
+@pytest.mark.parametrize("name", list(training.VARIANTS))
+def test_each_variant_trains_a_few_steps(digits_images, name):
+    # Eager execution: two steps of a 70-conv graph run faster than its compilation.
+    config = training.Config(family="inception", learning_rate=0.01, steps=2, eval_every=1,
+                             statistics="moving", final_population=False, run_eagerly=True)
+    model = training.build_variant(name, config, digits_images.input_shape, 10, seed=0)
+    before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]
+    history = training.train_and_track(model, digits_images, config,
+                                       reshuffle=training.VARIANTS[name].reshuffle, verbose=0)
+    assert history.steps == [0, 1, 2] and len(history.accuracy) == 3
+    assert all(np.isfinite(history.loss[1:]))
+    assert history.seconds[-1] > 0 and history.final_accuracy is not None
+    changed = [not np.allclose(b, keras.ops.convert_to_numpy(w)) for b, w in
+               zip(before, model.trainable_weights)]
+    assert all(changed)
+
+
+def test_population_statistics_evaluation_sets_moving_statistics(digits_images):
+    config = training.Config(family="mlp", learning_rate=0.1, steps=3, eval_every=3, batch_size=32)
+    data = dataclasses.replace(
+        digits_images, x_train=digits_images.x_train.reshape(128, -1),
+        x_test=digits_images.x_test.reshape(64, -1))
+    model = training.build_variant("BN-x5", config, data.input_shape, 10)
+    training.train_and_track(model, data, config, verbose=0)
+    bn = model.get_layer("hidden1_bn")
+    dense = keras.Model(model.inputs, model.get_layer("hidden1_dense").output)
+    values = keras.ops.convert_to_numpy(dense(data.x_train[:128]))
+    batches = values.reshape(4, 32, -1)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean),
+                               batches.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-5)
+
+
+def _fake_history(best, steps_to_best, diverged=False):
+    history = training.History()
+    for step in range(0, 101, 10):
+        acc = best if step >= steps_to_best else best * step / max(1, steps_to_best) * 0.9
+        history.steps.append(step)
+        history.accuracy.append(acc)
+        history.loss.append(1.0)
+        history.seconds.append(step * 0.01)
+    history.diverged = diverged
+    return history
+
+
+def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digits_images):
+    # Baseline: best accuracy rises with lr up to 0.09, then degrades; BN variants reach 0.9 fast.
+    def fake_build(variant, config, input_shape, classes, seed=0):
+        return (variant, config.learning_rate)
+
+    def fake_train(model, data, config, **kwargs):
+        variant, lr = model
+        if variant.name == "Inception":
+            best = {0.01: 0.80, 0.03: 0.85, 0.09: 0.90, 0.27: 0.60}.get(round(lr, 4), 0.5)
+            return _fake_history(best, 80)
+        return _fake_history(0.95, 10 if variant.lr_multiplier > 1 else 40)
+
+    monkeypatch.setattr(training, "build_variant", lambda v, *a, **k: fake_build(
+        training.VARIANTS[v] if isinstance(v, str) else v, *a, **k))
+    monkeypatch.setattr(training, "train_and_track", fake_train)
+    config = training.Config(family="inception", learning_rate=0.01, steps=100, eval_every=10)
+    result = training.steps_to_accuracy(digits_images, config, seeds=(0, 1), verbose=0,
+                                        variants=("Inception", "BN-Baseline", "BN-x5"))
+    grid = result["learning_rate_grid"]
+    assert [round(r, 4) for r in grid["rates"]] == [0.01, 0.03, 0.09, 0.27]
+    assert round(grid["chosen"], 4) == 0.09 and grid["chosen_inside_grid"]
+    assert result["targets"] == {"0": 0.9, "1": 0.9}
+    x5 = result["variants"]["BN-x5"]
+    assert x5["learning_rate"] == pytest.approx(0.45)
+    assert x5["steps_to_target"]["per_seed"] == [10, 10]
+    assert result["variants"]["Inception"]["steps_to_target"]["median"] == 80
+    assert x5["ratio"] == pytest.approx(8.0)
+    assert result["variants"]["BN-Baseline"]["ratio"] == pytest.approx(2.0)
