@@ -134,7 +134,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     batch_sizes = _check_batch_sizes(batch_sizes)
     if tolerance is None:
         tolerance = FLOAT16_TOLERANCE if float16_weights else FLOAT32_TOLERANCE
-    if not float(tolerance) > 0:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")
     path = _check_output_path(path)
     if isinstance(model, (str, os.PathLike)):
@@ -148,16 +148,16 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     clashes = sorted({spec.name for spec in inputs} & set(output_names))
     if clashes:
         raise ValueError(f"input and output names must differ. Received both: {clashes}")
-    _check_size(model)
-
-    logger.info("to_onnx: freezing '%s'", model.name)
-    frozen = freeze(model, fold=fold, verify=verify)
     nchw = [spec.name for spec in inputs if channels_first and len(spec.shape) == 4]
     if channels_first and not nchw:
         raise ValueError(
             "channels_first=True transposes rank-4 (image) inputs to NCHW, but this model has "
             f"none. Received input shapes: {[tuple(spec.shape) for spec in inputs]}"
         )
+    _check_size(model)
+
+    logger.info("to_onnx: freezing '%s'", model.name)
+    frozen = freeze(model, fold=fold, verify=verify)
     logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
     proto = _convert(frozen, inputs, output_names, opset, nchw)
     if float16_weights:
@@ -289,7 +289,9 @@ def _input_specs(model, names):
 
 def _output_names(model, names):
     if names is None:
-        names = [_onnx_name(name, f"output_{i}") for i, name in enumerate(model.output_names)]
+        keras_names = getattr(model, "output_names", None) or [  # Sequential has none
+            tensor._keras_history.operation.name for tensor in model.outputs]
+        names = [_onnx_name(name, f"output_{i}") for i, name in enumerate(keras_names)]
         seen = collections.Counter()
         for i, name in enumerate(names):  # Keras may repeat a name; ONNX may not
             seen[name] += 1
@@ -332,8 +334,10 @@ def _convert(frozen, inputs, output_names, opset, nchw):
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name)
-                 for spec in inputs]
+    # TensorFlow restricts tensor names; the ONNX names, which need not follow its rules, are
+    # put in by tf2onnx's renaming below.
+    signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=f"input_{i}")
+                 for i, spec in enumerate(inputs)]
     structure = frozen.input if len(frozen.inputs) > 1 else None
 
     @tf.function(input_signature=signature, autograph=False)

@@ -64,16 +64,16 @@ def test_no_fold_freezes_every_bn_to_mul_add(model, tmp_path, normalization_ops)
 
 def test_channels_first_input(model, tmp_path):
     path = tmp_path / "nchw.onnx"
-    result = export.to_onnx(model, path, channels_first=True, input_names=["pixels"],
-                            output_names=["scores"])
+    result = export.to_onnx(model, path, channels_first=True, input_names=["pixels (NCHW)"],
+                            output_names=["class scores"])
     graph = onnx.load(path).graph
     dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, 8, 8]
     assert result.channels_first and "Transpose" not in result.node_counts
     x = np.random.default_rng(5).standard_normal((2, 8, 8, 3)).astype("float32")
-    (got,) = _run(path, {"pixels": x.transpose(0, 3, 1, 2)})
+    (got,) = _run(path, {"pixels (NCHW)": x.transpose(0, 3, 1, 2)})
     assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
-    assert [o.name for o in graph.output] == ["scores"]
+    assert [o.name for o in graph.output] == ["class scores"]
 
 
 def test_float16_weights_halve_the_file(tmp_path, randomize):
@@ -113,6 +113,21 @@ def test_multiple_inputs_and_outputs(tmp_path, randomize):
     want = model(inputs, training=False)
     for g, w in zip(got, want):
         assert _relative_error(g, keras.ops.convert_to_numpy(w)) < 1e-4
+
+
+def test_sequential_model(tmp_path, randomize, normalization_ops):
+    model = randomize(keras.Sequential([
+        keras.Input((10,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+        keras.layers.Activation("relu"), keras.layers.Dropout(0.3),
+        keras.layers.BatchNormalization(), keras.layers.Dense(2),
+    ]))
+    path = tmp_path / "sequential.onnx"
+    result = export.to_onnx(model, path)
+    assert (len(result.folded), len(result.frozen), len(result.removed)) == (2, 0, 1)
+    assert normalization_ops.isdisjoint(result.node_counts)
+    x = np.random.default_rng(7).standard_normal((5, 10)).astype("float32")
+    (got,) = _run(path, {result.input_names[0]: x})
+    assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
 
 
 def test_captured_constants_stay_constants(tmp_path, randomize):
