@@ -206,10 +206,19 @@ def freeze(model, fold=True, verify=True):
         kwargs.pop("training", None)
         return layer(*args, **kwargs)
 
-    call_function = None if isinstance(source, keras.Sequential) else call_without_training
-    frozen_model = keras.models.clone_model(
-        source, clone_function=clone_layer, call_function=call_function, recursive=True
-    )
+    if isinstance(source, keras.Sequential):
+        # An explicit input also covers a Sequential built with build() and no keras.Input,
+        # whose clone would otherwise come back unbuilt.
+        frozen_model = keras.models.clone_model(
+            source, clone_function=clone_layer, recursive=True,
+            input_tensors=keras.Input(batch_shape=source.inputs[0].shape,
+                                      dtype=source.inputs[0].dtype),
+        )
+    else:
+        frozen_model = keras.models.clone_model(
+            source, clone_function=clone_layer, call_function=call_without_training,
+            recursive=True,
+        )
     for layer, weights in originals.values():
         layer.set_weights(weights)
 

@@ -129,6 +129,12 @@ def test_sequential_model(tmp_path, randomize, normalization_ops):
     (got,) = _run(path, {result.input_names[0]: x})
     assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
 
+    # Built with build(), no keras.Input: freeze still has an input to rebuild on.
+    built = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    built.build((None, 3))
+    result = export.to_onnx(randomize(built), tmp_path / "built.onnx", fold=False)
+    assert len(result.frozen) == 1 and result.max_error < 1e-4
+
 
 def test_captured_constants_stay_constants(tmp_path, randomize):
     """A Normalization layer's mean and variance are tensors, not variables: they must become
