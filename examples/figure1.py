@@ -35,7 +35,7 @@ def sigmoid_input_probe(model, x_test, unit):
     probe_model = keras.Model(model.inputs, layer.output)
 
     def probe(_):
-        values = probe_model.predict(x_test, batch_size=512, verbose=0)[:, unit]
+        values = training.predict(probe_model, x_test, batch_size=512)[:, unit]
         return {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))}
 
     return probe
@@ -123,10 +123,11 @@ def main(argv=None):
     )
     seed = (args.seeds or [0])[0]
     with training.data_parallel_scope(args.data_parallel):
+        replicas = training.replica_count()
         results = run_figure1(data, config, unit=args.unit, seed=seed, verbose=args.verbose)
     out = args.output_dir
     payload = {"data": data.name, "config": dataclasses.asdict(config), "unit": args.unit,
-               "seed": seed, "results": results}
+               "seed": seed, "replicas": replicas, "results": results}
     reporting.write_json(os.path.join(out, "figure1.json"), payload)
     plot_figure1(results, os.path.join(out, "figure1.png"),
                  f"Figure 1 on {data.name}: 3 x Dense(100, sigmoid), with and without BN")

@@ -54,7 +54,7 @@ def measure_throughput(args):
         global_batch = batch * replicas
         model = models.bn_inception(
             input_shape=(size, size, 3), classes=1000, alpha=args.alpha,
-            synchronized=args.data_parallel,
+            synchronized=training.synchronized_batch_norm(args.data_parallel),
         )
         model.compile(
             optimizer=keras.optimizers.SGD(0.045, momentum=0.9),

@@ -89,6 +89,13 @@ class Config:
     run_eagerly: bool = False  # no compilation at all: for quick checks of large graphs
 
 
+def synchronized_batch_norm(data_parallel):
+    """BN's `synchronized` argument for data-parallel training: True under TensorFlow, where each
+    replica would otherwise normalise by its own share of the batch; JAX's DataParallel computes
+    statistics over the global batch already, and Keras accepts the argument only on TensorFlow."""
+    return bool(data_parallel) and keras.backend.backend() == "tensorflow"
+
+
 def build_variant(variant, config, input_shape, classes, seed=0):
     """A compiled model of `variant` (a name or a `Variant`) for the network family of `config`."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
@@ -100,7 +107,7 @@ def build_variant(variant, config, input_shape, classes, seed=0):
             batch_norm=variant.batch_norm,
             activation=variant.activation or "sigmoid",
             bn_momentum=config.bn_momentum,
-            synchronized=config.data_parallel,
+            synchronized=synchronized_batch_norm(config.data_parallel),
             seed=seed,
         )
     elif config.family == "inception":
@@ -115,7 +122,9 @@ def build_variant(variant, config, input_shape, classes, seed=0):
         )
         if variant.batch_norm:
             model = models.bn_inception(
-                bn_momentum=config.bn_momentum, synchronized=config.data_parallel, **common
+                bn_momentum=config.bn_momentum,
+                synchronized=synchronized_batch_norm(config.data_parallel),
+                **common,
             )
         else:
             model = models.inception_baseline(**common)
@@ -148,13 +157,7 @@ def data_parallel_scope(enabled=True):
     if not enabled:
         yield None
     elif backend == "tensorflow":
-        import tensorflow as tf
-
-        strategy = tf.distribute.MirroredStrategy(
-            [d.name for d in tf.config.list_logical_devices("GPU")]
-            or [d.name for d in tf.config.list_logical_devices("CPU")]
-        )
-        with strategy.scope():
+        with _mirrored_strategy().scope() as strategy:
             yield strategy
     elif backend == "jax":
         previous = keras.distribution.distribution()
@@ -166,6 +169,24 @@ def data_parallel_scope(enabled=True):
             keras.distribution.set_distribution(previous)
     else:
         raise ValueError(f"Data parallelism supports tensorflow and jax. Backend: {backend!r}")
+
+
+_STRATEGIES = []
+
+
+def _mirrored_strategy():
+    """One MirroredStrategy per process: a second one would reuse the first one's collective-op
+    keys, and replicas would exchange tensors of different variables."""
+    if not _STRATEGIES:
+        import tensorflow as tf
+
+        _STRATEGIES.append(
+            tf.distribute.MirroredStrategy(
+                [d.name for d in tf.config.list_logical_devices("GPU")]
+                or [d.name for d in tf.config.list_logical_devices("CPU")]
+            )
+        )
+    return _STRATEGIES[0]
 
 
 def replica_count():
@@ -252,9 +273,20 @@ def set_population_statistics(model, x_train, config):
     )
 
 
+def predict(model, x, batch_size=256):
+    """`model.predict` in inference mode, with the input padded to a multiple of the replica
+    count (JAX's data parallelism shards every batch evenly over the devices)."""
+    replicas = replica_count()
+    pad = (-len(x)) % replicas
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    batch_size = max(replicas, batch_size // replicas * replicas)
+    return model.predict(x, batch_size=batch_size, verbose=0)[: len(x) - pad]
+
+
 def evaluate_accuracy(model, x, y, batch_size=256):
     """Test accuracy in inference mode (BN uses its moving/population statistics)."""
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    probabilities = predict(model, x, batch_size=batch_size)
     return float(np.mean(np.argmax(probabilities, axis=-1) == y))
 
 
@@ -366,6 +398,12 @@ def _ratio(baseline, variant):
     return baseline / variant
 
 
+def _steps_of(name, variant_steps, default):
+    if isinstance(variant_steps, dict):
+        return variant_steps.get(name) or default
+    return variant_steps or default
+
+
 def _grid_score(best_accuracy, diverged):
     return -1.0 if diverged or not math.isfinite(best_accuracy) else best_accuracy
 
@@ -395,7 +433,8 @@ def steps_to_accuracy(
        fewest steps wins (the fairest choice for the baseline).
     2. The baseline trains `config.steps` steps per seed at that rate; its best test accuracy
        (per seed) is the target, and the first step reaching it is the baseline's count.
-    3. Each BN variant trains `variant_steps` steps (default `config.steps`) at the baseline's
+    3. Each BN variant trains `variant_steps` steps (an int, or a dict by variant name; default
+       `config.steps`) at the baseline's
        rate times its multiplier, evaluated every `config.eval_every` steps; its count is the first
        evaluation at or above the target.
 
@@ -478,7 +517,7 @@ def steps_to_accuracy(
         if name == baseline_name:
             continue
         histories[name] = {
-            seed: run(name, seed, chosen, variant_steps or config.steps)
+            seed: run(name, seed, chosen, _steps_of(name, variant_steps, config.steps))
             for seed in seeds
         }
 
@@ -512,7 +551,7 @@ def steps_to_accuracy(
         "data": data.name,
         "baseline": baseline_name,
         "config": dataclasses.asdict(config),
-        "variant_steps": variant_steps or config.steps,
+        "variant_steps": {n: _steps_of(n, variant_steps, config.steps) for n in names},
         "seeds": list(seeds),
         "targets": {str(s): targets[s] for s in seeds},
         "learning_rate_grid": {
