@@ -112,7 +112,8 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         verify: check with onnxruntime against Keras (recommended; `False` skips it).
         batch_sizes: the batch sizes verified; at least two different sizes prove the batch
             dimension is dynamic.
-        tolerance: largest accepted relative error; defaults to 1e-4 (1e-2 with float16 weights).
+        tolerance: largest accepted relative error; defaults to 1e-4, or 1e-2 with float16
+            weights or a model that computes in float16/bfloat16 (mixed precision).
         seed: seed of the random verification inputs.
 
     Returns:
@@ -132,9 +133,8 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     _require_tensorflow_backend()
     opset = _check_opset(opset)
     batch_sizes = _check_batch_sizes(batch_sizes)
-    if tolerance is None:
-        tolerance = FLOAT16_TOLERANCE if float16_weights else FLOAT32_TOLERANCE
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(
+            tolerance, (int, float)) or not tolerance > 0):
         raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")
     path = _check_output_path(path)
     if isinstance(model, (str, os.PathLike)):
@@ -143,6 +143,11 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         logger.info("to_onnx: loading %s", os.fspath(model))
         model = load_model(model)
     _check_model(model, "to_onnx")
+    if tolerance is None:
+        half = float16_weights or any(
+            layer.compute_dtype in ("float16", "bfloat16")
+            for layer in model._flatten_layers(include_self=False, recursive=True))
+        tolerance = FLOAT16_TOLERANCE if half else FLOAT32_TOLERANCE
     inputs = _input_specs(model, input_names)
     output_names = _output_names(model, output_names)
     clashes = sorted({spec.name for spec in inputs} & set(output_names))

@@ -89,6 +89,17 @@ def test_float16_weights_halve_the_file(tmp_path, randomize):
     assert 0 < half.max_error < 1e-2
 
 
+def test_mixed_precision_model(tmp_path, randomize):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, dtype="mixed_float16")(inputs)
+    x = keras.layers.BatchNormalization(dtype="mixed_float16")(x)
+    x = keras.layers.BatchNormalization(dtype="mixed_float16")(keras.layers.Add()([x, x]))
+    outputs = keras.layers.Dense(2, dtype="float32")(keras.layers.Flatten()(x))
+    result = export.to_onnx(randomize(keras.Model(inputs, outputs)), tmp_path / "mixed.onnx")
+    # float16 arithmetic in both runtimes: agreement to float16 precision, not float32's
+    assert 0 < result.max_error < 1e-2
+
+
 def _two_in_two_out():
     image = keras.Input((6, 6, 2), name="image")
     extra = keras.Input((3,), name="extra")
