@@ -1,8 +1,10 @@
 """Export benchmark: our `export.to_onnx` against Keras's `model.export(format="onnx")`.
 
 For ResNet50 and MobileNetV2 (weights=None, BN statistics randomized, 224x224x3): export time,
-ONNX node counts, file size, and onnxruntime latency at batch 1 and 32 (same process, the two
-graphs timed alternately, median of the repeats). Writes benchmarks/results/export.json.
+ONNX node counts (as written, and after onnxruntime's own graph optimizations), file size, and
+onnxruntime latency at batch 1 and 32, plus batch 1 with onnxruntime's graph optimizations off (as
+a runtime without its fusions would run the file); same process, the two graphs timed alternately,
+median of the repeats. Writes benchmarks/results/export.json.
 
     python benchmarks/export.py [--input-size 224] [--repeats 15] [--threads 1] [--output PATH]
 """
@@ -72,10 +74,12 @@ def runtime_optimized_nodes(path):
     return len(onnx.load(options.optimized_model_filepath).graph.node)
 
 
-def session(path, threads):
+def session(path, threads, optimize=True):
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    if not optimize:  # as a runtime without onnxruntime's fusions would run the file
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -109,24 +113,26 @@ def bench_model(name, size, repeats, threads, folder):
     model.export(keras_path, format="onnx", verbose=False)
     keras_seconds = time.perf_counter() - start
 
-    sessions = [session(ours_path, threads), session(keras_path, threads)]
     rng = np.random.default_rng(0)
     latency = {}
-    for batch_size in BATCH_SIZES:
+    runs = [(batch_size, True) for batch_size in BATCH_SIZES] + [(1, False)]
+    for batch_size, optimize in runs:
+        sessions = [session(ours_path, threads, optimize), session(keras_path, threads, optimize)]
         x = rng.uniform(-1, 1, (batch_size, size, size, 3)).astype("float32")
         want = keras.ops.convert_to_numpy(model(x, training=False))
         errors = [float(np.max(np.abs(s.run(None, {s.get_inputs()[0].name: x})[0] - want))
                         / np.max(np.abs(want))) for s in sessions]
-        n = repeats if batch_size == 1 else max(5, repeats // 3)  # a batch of 32 takes seconds
+        n = repeats if batch_size == 1 else max(7, repeats // 2)  # a batch of 32 takes seconds
         (ours_ms, keras_ms), raw = alternate_latency(sessions, x, n)
-        latency[f"batch_{batch_size}"] = {
+        key = f"batch_{batch_size}" + ("" if optimize else "_without_graph_optimization")
+        latency[key] = {
             "ours_ms": round(ours_ms, 3), "keras_ms": round(keras_ms, 3),
             "ratio": round(ours_ms / keras_ms, 3), "repeats": n,
             "ours_max_error": errors[0], "keras_max_error": errors[1],
             "ours_all_ms": [round(t, 3) for t in raw[0]],
             "keras_all_ms": [round(t, 3) for t in raw[1]],
         }
-        print(f"{name} batch {batch_size}: ours {ours_ms:.2f} ms, Keras {keras_ms:.2f} ms "
+        print(f"{name} {key}: ours {ours_ms:.2f} ms, Keras {keras_ms:.2f} ms "
               f"(ratio {ours_ms / keras_ms:.3f}, median of {n})", flush=True)
 
     ours, theirs = graph_facts(ours_path), graph_facts(keras_path)
@@ -150,7 +156,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=15, help="timed runs at batch 1 "
-                        "(a third as many, at least 5, at batch 32)")
+                        "(half as many, at least 7, at batch 32)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads; "
                         "1 keeps the A/B timing steadier on a shared machine")
     parser.add_argument("--models", default=",".join(MODELS))
