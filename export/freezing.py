@@ -17,7 +17,6 @@ import dataclasses
 import logging
 
 import keras
-import numpy as np
 from keras import ops
 
 import keras_bn

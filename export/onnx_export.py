@@ -448,7 +448,9 @@ def _check_graph(proto):
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise ValueError(f"onnx.checker rejected the converted graph: {_one_line(error)}") from error
+        raise ValueError(
+            f"onnx.checker rejected the converted graph: {_one_line(error)}"
+        ) from error
 
 
 def _random_inputs(inputs, batch_size, rng):
@@ -463,7 +465,7 @@ def _random_inputs(inputs, batch_size, rng):
 
 
 def _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed):
-    """Largest relative error of onnxruntime against Keras; raises VerificationError past tolerance."""
+    """Largest relative error of onnxruntime against Keras; VerificationError past tolerance."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

@@ -21,7 +21,9 @@ import pytest  # noqa: E402
 import keras_bn  # noqa: E402
 
 # What BN in training mode or unfrozen BN arithmetic would leave in an ONNX graph.
-NORMALIZATION_OPS = {"BatchNormalization", "Sub", "Div", "Sqrt", "Rsqrt", "Reciprocal", "ReduceMean"}
+NORMALIZATION_OPS = {
+    "BatchNormalization", "Sub", "Div", "Sqrt", "Rsqrt", "Reciprocal", "ReduceMean",
+}
 
 
 def randomize_batchnorm(model, seed=0):

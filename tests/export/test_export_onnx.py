@@ -39,7 +39,8 @@ def test_export_folds_freezes_and_matches_keras(model, tmp_path, normalization_o
     assert [name for name, _ in result.frozen] == ["bn_add"]
     assert len(result.folded) == 2 and result.removed == ["dropout"]
     assert result.input_names == ["image"] and result.output_names == ["logits"]
-    assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["logits"]
+    assert [i.name for i in graph.input] == ["image"]
+    assert [o.name for o in graph.output] == ["logits"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert result.file_size == os.path.getsize(path) and result.path == str(path)
     assert 0 <= result.max_error < 1e-4 and result.batch_sizes == (1, 3)
