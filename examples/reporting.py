@@ -16,6 +16,7 @@ def write_json(path, payload):
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1, default=_jsonable)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

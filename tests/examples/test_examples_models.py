@@ -6,6 +6,10 @@ import pytest
 import keras_bn
 from examples import models
 
+# Structure tests need no random weights: "zeros" skips the per-shape random-number kernels that
+# JAX compiles on first use (tens of seconds for the ~70 kernel shapes of a new network).
+FAST = dict(kernel_initializer="zeros")
+
 
 def _bn_inputs(model):
     """(BN layer, the layer feeding it, the layer it feeds) for every BN of a functional model."""
@@ -19,7 +23,7 @@ def _bn_inputs(model):
 
 
 def test_bn_inception_full_size_parameters_and_shapes():
-    model = models.bn_inception()
+    model = models.bn_inception(**FAST)
     assert model.output_shape == (None, 1000)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert trainable == 11_285_224  # the docstring's figure: ~11.3M, as Figure 5's table
@@ -31,7 +35,7 @@ def test_bn_inception_full_size_parameters_and_shapes():
 
 def test_pool_projection_96_reproduces_tf_slim_widths():
     model = models.bn_inception(input_shape=(32, 32, 3), classes=10, alpha=0.25,
-                                pool_projection_4cd=96)
+                                pool_projection_4cd=96, **FAST)
     assert model.get_layer("inception_4c_concat").output.shape[-1] == 576 // 4
     assert model.get_layer("inception_4e_concat").output.shape[-1] == 1024 // 4
 
@@ -42,7 +46,7 @@ def test_pool_projection_96_reproduces_tf_slim_widths():
      ((64, 64, 3), "imagenet", (8, 4, 2))],
 )
 def test_stems_choose_stage_sizes(input_shape, stem, stages):
-    model = models.bn_inception(input_shape=input_shape, classes=7, alpha=0.125)
+    model = models.bn_inception(input_shape=input_shape, classes=7, alpha=0.125, **FAST)
     assert model.output_shape == (None, 7)
     sizes = tuple(model.get_layer(f"inception_{m}_concat").output.shape[1] for m in ("3b", "4d", "5b"))
     assert sizes == stages
@@ -52,13 +56,13 @@ def test_stems_choose_stage_sizes(input_shape, stem, stages):
 
 
 def test_small_bn_inception_size_matches_paper_notes():
-    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125)
+    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125, **FAST)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert 150_000 < trainable < 180_000  # PAPER.md: "about 166k parameters"
 
 
 def test_conv_bn_relu_placement_and_no_bias():
-    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125)
+    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125, **FAST)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     triples = _bn_inputs(model)
     assert len(triples) == len(convs) == 3 + sum(  # the stem's 3, then each module's
@@ -79,7 +83,7 @@ def test_conv_bn_relu_placement_and_no_bias():
 
 
 def test_stride_two_modules_pass_through_pool_and_have_no_1x1():
-    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125)
+    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125, **FAST)
     names = {layer.name for layer in model.layers}
     for module in ("3c", "4e"):
         assert f"inception_{module}_1x1_conv" not in names
@@ -94,13 +98,14 @@ def test_stride_two_modules_pass_through_pool_and_have_no_1x1():
 
 
 def test_sigmoid_variant():
-    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125, activation="sigmoid")
+    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125, activation="sigmoid",
+                                **FAST)
     acts = [l for l in model.layers if isinstance(l, keras.layers.Activation)]
     assert acts and all(l.get_config()["activation"] == "sigmoid" for l in acts)
 
 
 def test_inception_baseline_has_bias_dropout_lrn_l2_and_no_bn():
-    model = models.inception_baseline(input_shape=(8, 8, 1), classes=10, alpha=0.125)
+    model = models.inception_baseline(input_shape=(8, 8, 1), classes=10, alpha=0.125, **FAST)
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
     convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
     assert convs and all(c.use_bias and c.kernel_regularizer is not None for c in convs)
