@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from export.freezing import _check_model, freeze
+from export.graph_passes import optimize
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class ExportResult:
         folded, frozen, removed: from `export.freeze` (see `FreezeReport`).
         file_size: bytes written.
         seconds: wall time of the whole export.
+        graph_passes: one line per ONNX graph pass that changed the graph (`export.graph_passes`),
+            e.g. "fold_pad_into_max_pool: Pad -1".
     """
 
     path: str
@@ -63,6 +66,7 @@ class ExportResult:
     removed: list
     file_size: int
     seconds: float
+    graph_passes: list = dataclasses.field(default_factory=list)
 
     @property
     def num_nodes(self):
@@ -165,6 +169,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     frozen = freeze(model, fold=fold, verify=verify)
     logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
     proto = _convert(frozen, inputs, output_names, opset, nchw)
+    graph_passes = optimize(proto)
     if float16_weights:
         _store_weights_as_float16(proto)
     _check_graph(proto)
@@ -183,7 +188,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         input_names=[spec.name for spec in inputs], output_names=list(output_names),
         channels_first=bool(channels_first), float16_weights=bool(float16_weights),
         folded=report.folded, frozen=report.frozen, removed=report.removed,
-        file_size=len(data), seconds=time.perf_counter() - start,
+        file_size=len(data), seconds=time.perf_counter() - start, graph_passes=graph_passes,
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
