@@ -53,8 +53,9 @@ def main(argv=None):
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--alpha", type=float, default=0.125, help="BN-Inception's width")
     parser.add_argument("--variants", nargs="+", default=None,
-                        help="variants (default: Inception, BN-Baseline, BN-x5, BN-x30; "
-                             "BN-x5-Sigmoid is in examples/train_inception.py)")
+                        help="variants (default: the baseline - 'Inception' or 'Baseline' for the "
+                             "MNIST network - BN-Baseline, BN-x5, BN-x30; BN-x5-Sigmoid is in "
+                             "examples/train_inception.py)")
     parser.set_defaults(statistics="moving")
     args = parser.parse_args(argv)
     cli.apply_runtime_options(args)
@@ -84,7 +85,8 @@ def main(argv=None):
                 data,
                 config,
                 seeds=seeds,
-                variants=args.variants or ("Inception", "BN-Baseline", "BN-x5", "BN-x30"),
+                variants=args.variants or (training.BASELINE[family], "BN-Baseline", "BN-x5",
+                                           "BN-x30"),
                 lr_grid_max=2 if args.quick else 8,
                 variant_steps=s["variant_steps"],
                 verbose=args.verbose,

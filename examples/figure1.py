@@ -44,7 +44,7 @@ def sigmoid_input_probe(model, x_test, unit):
 def run_figure1(data, config, unit=0, seed=0, verbose=1):
     """Train the network with and without BN at the same learning rate; return both histories."""
     results = {}
-    for label, variant in (("without BN", "Inception"), ("with BN", "BN-Baseline")):
+    for label, variant in (("without BN", "Baseline"), ("with BN", "BN-Baseline")):
         model = training.build_variant(variant, config, data.input_shape, data.classes, seed=seed)
         history = training.train_and_track(
             model,
@@ -73,12 +73,12 @@ def plot_figure1(results, path, title):
         steps = history["steps"][: len(history["probes"])]
         for p in PERCENTILES:
             ax.plot(steps, [probe[f"p{p}"] for probe in history["probes"]], label=f"{p}th")
-        ax.set_title(f"{panel} last hidden layer, one sigmoid's input, {label}")
+        ax.set_title(f"{panel} {label}: input of one last-layer sigmoid", fontsize=10)
         ax.set_xlabel("training steps")
         ax.legend(loc="best", fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     reporting.save_figure(fig, path)
     plt.close(fig)
     return path

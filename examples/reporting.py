@@ -90,7 +90,8 @@ def steps_table(result):
     target = float(np.median(list(result["targets"].values())))
     lines = [
         f"{result['family']} on {result['data']}, seeds {result['seeds']}, baseline lr "
-        f"{result['learning_rate_grid']['chosen']:.4g} (grid {result['learning_rate_grid']['rates']})",
+        f"{result['learning_rate_grid']['chosen']:.4g} (grid "
+        f"{', '.join(f'{r:.3g}' for r in result['learning_rate_grid']['rates'])})",
         "",
         f"| model | steps to {target:.1%} (median) | per seed | ratio (steps) | ratio (seconds) "
         "| max accuracy (median) |",

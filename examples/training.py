@@ -47,6 +47,7 @@ _BN_X = dict(
 )
 VARIANTS = {
     "Inception": Variant("Inception", batch_norm=False),
+    "Baseline": Variant("Baseline", batch_norm=False),  # the MNIST network without BN
     "BN-Baseline": Variant("BN-Baseline", batch_norm=True),
     "BN-x5": Variant("BN-x5", lr_multiplier=5.0, **_BN_X),
     "BN-x30": Variant("BN-x30", lr_multiplier=30.0, **_BN_X),
@@ -54,10 +55,10 @@ VARIANTS = {
 }
 # The baseline of each network family, and the variants that make sense for it (the MNIST network
 # is already sigmoid and has no dropout, LRN or L2 to remove).
-BASELINE = {"inception": "Inception", "mlp": "Inception"}
+BASELINE = {"inception": "Inception", "mlp": "Baseline"}
 FAMILY_VARIANTS = {
     "inception": ("Inception", "BN-Baseline", "BN-x5", "BN-x30", "BN-x5-Sigmoid"),
-    "mlp": ("Inception", "BN-Baseline", "BN-x5", "BN-x30"),
+    "mlp": ("Baseline", "BN-Baseline", "BN-x5", "BN-x30"),
 }
 
 

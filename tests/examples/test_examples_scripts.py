@@ -54,11 +54,11 @@ def test_steps_to_accuracy_benchmark_quick(tmp_path):
                                     "--seeds", "0", "--networks", "mlp", "--statistics", "moving"])
     saved = json.loads((tmp_path / "steps_to_accuracy.json").read_text())
     variants = saved["networks"]["mlp"]["variants"]
-    assert set(variants) == {"Inception", "BN-Baseline", "BN-x5", "BN-x30"}
+    assert set(variants) == {"Baseline", "BN-Baseline", "BN-x5", "BN-x30"}
     for entry in variants.values():
         assert {"steps_to_target", "ratio", "wall_clock_ratio", "best_accuracy"} <= set(entry)
         assert len(entry["steps_to_target"]["per_seed"]) == 1
-    assert variants["Inception"]["ratio"] == 1.0
+    assert variants["Baseline"]["ratio"] == 1.0
     assert payload["backend"] == keras.backend.backend()
     assert (tmp_path / "figure2_mlp_digits.png").exists()
 
