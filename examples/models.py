@@ -7,10 +7,15 @@ the folding/export tools can find a conv and the BN that follows it (`<name>_con
 
 Reference: Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167
 """
+import logging
+
 import keras
+import numpy as np
 from keras import ops
 
 import keras_bn
+
+logger = logging.getLogger(__name__)
 
 # Figure 5, one row per module: (name, #1x1, #3x3 reduce, #3x3, double #3x3 reduce, double #3x3,
 # pool type, pool projection, stride). A projection of None is the "pass through" max pool of the
@@ -232,7 +237,14 @@ def _inception(
         dtype="float32",  # softmax in float32 under mixed precision
         name="predictions",
     )(x)
-    return keras.Model(inputs, outputs, name=name)
+    model = keras.Model(inputs, outputs, name=name)
+    logger.info(
+        "%s (alpha %g, %s stem, input %s): %d trainable parameters (paper: 13.6M in the text, "
+        "~11.3M from Figure 5's table at alpha 1 and 224x224)",
+        name, alpha, stem, input_shape,
+        sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+    )
+    return model
 
 
 def bn_inception(
@@ -266,8 +278,8 @@ def bn_inception(
     11,175,080) conv/dense weights and biases plus 20,032 BN gammas and betas; `count_params()` also
     counts the 20,032 moving statistics (11,305,256). Figure 5's table gives about 11.2-11.3M; the
     paper's text says 13.6M, a gap that no public source explains. With `separable_stem=True` (the
-    paper's 7x7 separable conv, depth
-    multiplier 8) the stem's first conv shrinks from 9,408 to 2,712 weights.
+    paper's 7x7 separable conv, depth multiplier 8) the stem's first conv shrinks from 9,408 to
+    2,712 weights.
 
     Args:
         input_shape: (height, width, channels). 224x224 is the paper's.

@@ -22,8 +22,10 @@ def _bn_inputs(model):
     return triples
 
 
-def test_bn_inception_full_size_parameters_and_shapes():
-    model = models.bn_inception(**FAST)
+def test_bn_inception_full_size_parameters_and_shapes(caplog):
+    with caplog.at_level("INFO", logger="examples.models"):
+        model = models.bn_inception(**FAST)
+    assert "11285224 trainable parameters" in caplog.text  # it reports its size
     assert model.output_shape == (None, 1000)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert trainable == 11_285_224  # the docstring's figure: ~11.3M, as Figure 5's table
