@@ -77,7 +77,7 @@ def main(argv=None):
             alpha=args.alpha,
             statistics=args.statistics,
             data_parallel=args.data_parallel,
-            run_eagerly=args.quick,
+            run_eagerly=training.quick_runs_eagerly(args.quick),
             final_population=not args.quick,
         )
         with training.data_parallel_scope(args.data_parallel):
@@ -87,7 +87,7 @@ def main(argv=None):
                 seeds=seeds,
                 variants=args.variants or (training.BASELINE[family], "BN-Baseline", "BN-x5",
                                            "BN-x30"),
-                lr_grid_max=2 if args.quick else 8,
+                lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
                 variant_steps=s["variant_steps"],
                 verbose=args.verbose,
             )

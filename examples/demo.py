@@ -107,7 +107,7 @@ def main(argv=None):
         config,
         variants=("Inception", "BN-x5"),
         seeds=(0,),
-        lr_grid_max=2 if args.quick else 5,
+        lr_grid_max=1 if args.quick else 5,  # quick: code paths only, no grid
         variant_steps=variant_steps,
         verbose=args.verbose,
         return_models=True,

@@ -127,7 +127,7 @@ def main(argv=None):
         statistics=args.statistics,
         data_parallel=args.data_parallel,
         # Quick mode checks the code paths, not the accuracy: no compilation of the large graph.
-        run_eagerly=args.quick,
+        run_eagerly=training.quick_runs_eagerly(args.quick),
         final_population=not args.quick,
     )
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -138,7 +138,7 @@ def main(argv=None):
             variants=args.variants,
             seeds=seeds,
             lr_grid_factor=args.grid_factor,
-            lr_grid_max=2 if args.quick else 8,
+            lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
             variant_steps=args.variant_steps,
             verbose=args.verbose,
         )

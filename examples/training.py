@@ -97,6 +97,14 @@ def synchronized_batch_norm(data_parallel):
     return bool(data_parallel) and keras.backend.backend() == "tensorflow"
 
 
+def quick_runs_eagerly(quick):
+    """Whether a quick check (a few steps) should skip compilation. On TensorFlow, tracing and
+    compiling the ~70-conv graph costs more than a few eager steps; on JAX, eager execution
+    compiles every primitive of the forward and backward pass one by one, which costs more than
+    compiling the whole step once."""
+    return bool(quick) and keras.backend.backend() == "tensorflow"
+
+
 def build_variant(variant, config, input_shape, classes, seed=0):
     """A compiled model of `variant` (a name or a `Variant`) for the network family of `config`."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
