@@ -13,8 +13,8 @@ python batches or an ImageNet-style folder from a local path.
     KERAS_BACKEND=jax .venv/bin/python examples/train_inception.py --throughput --alpha 1 \\
         --image-size 224 --mixed-precision mixed_bfloat16 --data-parallel
 
-Writes inception_<data>.json, figure2_inception_<data>.png (accuracy vs steps of every variant)
-and figure3_inception_<data>.md (steps to the baseline's best accuracy, max accuracy) in
+Writes train_inception_<data>.json, figure2_train_inception_<data>.png (accuracy vs steps of every
+variant) and figure3_train_inception_<data>.md (steps to the baseline's best accuracy, max accuracy) in
 --output-dir; --throughput writes throughput.json (images/s on synthetic data) instead.
 """
 import os
@@ -142,7 +142,7 @@ def main(argv=None):
             variant_steps=args.variant_steps,
             verbose=args.verbose,
         )
-    stem = f"inception_{data.name}"
+    stem = f"train_inception_{data.name}"  # benchmarks/steps_to_accuracy.py owns "inception_*"
     table = write_results(result, args.output_dir, stem,
                           f"Small BN-Inception (alpha {args.alpha}) on {data.name}")
     print(table)

@@ -44,8 +44,8 @@ def test_train_inception_quick(tmp_path):
     ])
     assert set(result["variants"]) == {"Inception", "BN-x5"}
     assert result["learning_rate_grid"]["rates"] == [0.01]  # quick mode: one rate, no grid
-    assert (tmp_path / "figure2_inception_digits.png").stat().st_size > 10_000
-    table = (tmp_path / "figure3_inception_digits.md").read_text()
+    assert (tmp_path / "figure2_train_inception_digits.png").stat().st_size > 10_000
+    table = (tmp_path / "figure3_train_inception_digits.md").read_text()
     assert "| BN-x5 |" in table and "| Inception |" in table
 
 
