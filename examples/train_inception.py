@@ -59,6 +59,7 @@ def measure_throughput(args):
         model.compile(
             optimizer=keras.optimizers.SGD(0.045, momentum=0.9),
             loss="sparse_categorical_crossentropy",
+            run_eagerly=training.quick_runs_eagerly(args.quick),
         )
         rng = np.random.default_rng(0)
         x = rng.standard_normal((global_batch * 2, size, size, 3)).astype("float32")

@@ -49,6 +49,17 @@ def test_train_inception_quick(tmp_path):
     assert "| BN-x5 |" in table and "| Inception |" in table
 
 
+def test_train_inception_throughput_quick(tmp_path):
+    result = train_inception.main([
+        "--throughput", "--quick", "--image-size", "32", "--batch-size", "4", "--verbose", "0",
+        "--output-dir", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert saved["images_per_second"] == pytest.approx(result["images_per_second"])
+    assert saved["images_per_second"] > 0 and saved["replicas"] == 1
+    assert saved["backend"] == keras.backend.backend() and saved["global_batch_size"] == 4
+
+
 def test_steps_to_accuracy_benchmark_quick(tmp_path):
     payload = steps_benchmark.main(["--quick", "--output-dir", str(tmp_path), "--verbose", "0",
                                     "--seeds", "0", "--networks", "mlp", "--statistics", "moving"])
