@@ -84,7 +84,7 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
             # With momentum 0 a training step leaves exactly this batch's statistics in the
             # moving variables (mu_B, and sigma2_B with the layer's own variance convention).
             layer.momentum = 0.0
-        forward = _training_forward(model)
+        forward = _training_forward(model, layers)
         total = steps if steps is not None else _length(data, batch_size)
         progbar = keras.utils.Progbar(total, verbose=0 if verbose == 0 else 1, unit_name="batch")
         for x in _batches(data, batch_size):
@@ -128,8 +128,24 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
     return used
 
 
-def _training_forward(model):
-    """A function that runs `model` in training mode on a batch, compiled where the backend can."""
+def _training_forward(model, layers):
+    """A function that runs `model` in training mode on a batch, compiled where the backend can.
+
+    Compiling costs seconds on a real network, so the function is kept on the model and reused by
+    later calls (one per evaluation during training, say). A trace bakes in which BN layers are
+    trainable (and their momentum, always 0 here), so it is rebuilt when those flags change.
+    """
+    key = (keras.backend.backend(), tuple((id(layer), layer.trainable) for layer in layers))
+    cached = getattr(model, "_keras_bn_population_forward", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    forward = _compile_training_forward(model)
+    # object.__setattr__: a plain attribute, out of Keras's tracking and saving.
+    object.__setattr__(model, "_keras_bn_population_forward", (key, forward))
+    return forward
+
+
+def _compile_training_forward(model):
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf

@@ -154,3 +154,22 @@ def test_frozen_bn_layers_are_left_as_they_are():
     keras_bn.estimate_population_statistics(model, np.random.default_rng(4).normal(size=(40, 6)).astype("float32"), batch_size=20, verbose=0)
     for value, after in zip(before, frozen.get_weights()):
         np.testing.assert_array_equal(value, after)
+
+
+def test_later_calls_reuse_the_compiled_forward_pass_and_stay_exact():
+    rng = np.random.default_rng(5)
+    model = two_bn_model()
+    first = rng.normal(0.0, 1.0, (40, 6)).astype("float32")
+    second = rng.normal(3.0, 2.0, (60, 6)).astype("float32")
+    keras_bn.estimate_population_statistics(model, first, batch_size=20, verbose=0)
+    compiled = model._keras_bn_population_forward
+    keras_bn.estimate_population_statistics(model, second, batch_size=20, verbose=0)
+    assert model._keras_bn_population_forward is compiled
+    inner = model.get_layer("inner")
+    for name, (mean, variance) in reference_statistics(model, second, 20).items():
+        np.testing.assert_allclose(inner.get_layer(name).moving_mean.numpy(), mean, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(inner.get_layer(name).moving_variance.numpy(), variance, rtol=1e-4, atol=1e-4)
+    # Freezing a BN layer changes what a trace must do: the cache is rebuilt, not reused.
+    inner.get_layer("keras").trainable = False
+    keras_bn.estimate_population_statistics(model, second, batch_size=20, verbose=0)
+    assert model._keras_bn_population_forward is not compiled
