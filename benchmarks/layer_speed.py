@@ -2,7 +2,8 @@
 
 Both layers run in the same process, on the same inputs, compiled the same way (a `tf.function`
 on TensorFlow, with and without XLA; `jax.jit` on JAX). A training step is the forward pass, the
-backward pass (gradients for the input, gamma and beta) and the moving-average update. Each figure
+backward pass of a fixed upstream gradient dy (gradients for the input, gamma and beta) and the
+moving-average update: the layer's own work, with no loss computation around it. Each figure
 is the median over `--repeats` repetitions of the mean time of `--iterations` calls; the two layers
 alternate within each repetition.
 
@@ -35,10 +36,10 @@ SHAPES = [(64, 32, 32, 64), (32, 56, 56, 128), (256, 1024)]
 RESULTS = Path(__file__).parent / "results" / "layer_speed.json"
 
 
-def tensorflow_steps(layer, x, jit_compile):
+def tensorflow_steps(layer, x, dy, jit_compile):
     import tensorflow as tf
 
-    x = tf.constant(x)
+    x, dy = tf.constant(x), tf.constant(dy)
     variables = layer.trainable_variables
 
     @tf.function(jit_compile=jit_compile)
@@ -46,32 +47,34 @@ def tensorflow_steps(layer, x, jit_compile):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-            loss = tf.reduce_sum(y * y)
-        return tape.gradient(loss, [x, *variables])
+        return tape.gradient(y, [x, *variables], output_gradients=dy)
 
     @tf.function(jit_compile=jit_compile)
     def inference():
         return layer(x, training=False)
 
-    return lambda: [t.numpy() for t in train_step()][0], lambda: inference().numpy()
+    return lambda: train_step()[0].numpy(), lambda: inference().numpy()
 
 
-def jax_steps(layer, x):
+def jax_steps(layer, x, dy):
     import jax
     import jax.numpy as jnp
 
-    x = jnp.asarray(x)
+    x, dy = jnp.asarray(x), jnp.asarray(dy)
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
-    def loss(trainable, non_trainable, x):
-        y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
-        return jnp.sum(y * y), updated
+    @jax.jit
+    def train(trainable, non_trainable, x, dy):
+        def forward(trainable, x):
+            return layer.stateless_call(trainable, non_trainable, x, training=True)
 
-    train = jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
+        _, backward, updated = jax.vjp(forward, trainable, x, has_aux=True)
+        return backward(dy), updated
+
     infer = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=False)[0])
     return (
-        lambda: jax.block_until_ready(train(trainable, non_trainable, x)),
+        lambda: jax.block_until_ready(train(trainable, non_trainable, x, dy)),
         lambda: jax.block_until_ready(infer(trainable, non_trainable, x)),
     )
 
@@ -93,15 +96,17 @@ def median_ms(functions, iterations, repeats):
 
 
 def measure(shape, mode, iterations, repeats):
-    x = np.random.default_rng(0).normal(1.0, 2.0, shape).astype("float32")
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    dy = rng.normal(0.0, 1.0, shape).astype("float32")  # the upstream gradient
     steps = {}
     for name, cls in (("keras", keras.layers.BatchNormalization), ("keras_bn", keras_bn.BatchNormalization)):
         layer = cls()
         layer.build(shape)
         if mode == "jit":
-            steps[name] = jax_steps(layer, x)
+            steps[name] = jax_steps(layer, x, dy)
         else:
-            steps[name] = tensorflow_steps(layer, x, jit_compile=mode == "xla")
+            steps[name] = tensorflow_steps(layer, x, dy, jit_compile=mode == "xla")
     row = {"shape": list(shape), "mode": mode}
     for index, kind in enumerate(("train", "inference")):
         keras_ms, ours_ms = median_ms(
