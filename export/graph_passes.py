@@ -37,9 +37,11 @@ def fold_pad_into_conv(proto):
     """Pad(zeros) -> Conv becomes Conv with pads (Keras's ZeroPadding2D before a 'valid' conv).
 
     Precondition: a constant-mode Pad with value 0 on the spatial axes only, whose only consumer is
-    a Conv (any groups) with explicit padding. Conv pads with zeros itself, so both are equal.
+    a Conv (any groups) with explicit padding, and the resulting pads symmetric. Conv pads with
+    zeros itself, so both are equal. Asymmetric pads are left as a Pad: onnxruntime's depthwise
+    kernel ran 4% slower with them (MobileNetV2, batch 1) than Pad + Conv.
     """
-    return _fold_pad_into("Conv", proto, needs_nonnegative_input=False)
+    return _fold_pad_into("Conv", proto, needs_nonnegative_input=False, symmetric_only=True)
 
 
 def fold_pad_into_max_pool(proto):
@@ -49,10 +51,10 @@ def fold_pad_into_max_pool(proto):
     the kernel. MaxPool ignores its own pad positions; since a Relu output is >= 0 and every window
     holds at least one real value, a zero in the window never changes the maximum.
     """
-    return _fold_pad_into("MaxPool", proto, needs_nonnegative_input=True)
+    return _fold_pad_into("MaxPool", proto, needs_nonnegative_input=True, symmetric_only=False)
 
 
-def _fold_pad_into(op_type, proto, needs_nonnegative_input):
+def _fold_pad_into(op_type, proto, needs_nonnegative_input, symmetric_only):
     graph = proto.graph
     producers, consumers, constants, outputs = _index(graph)
     removed = []
@@ -90,6 +92,8 @@ def _fold_pad_into(op_type, proto, needs_nonnegative_input):
         new = [b + o for b, o in zip(begin[2:], old[:spatial])] + [
             e + o for e, o in zip(end[2:], old[spatial:])
         ]
+        if symmetric_only and new[:spatial] != new[spatial:]:
+            continue
         if op_type == "MaxPool":
             kernel = list(_attribute(layer, "kernel_shape", []))
             if len(kernel) != spatial or any(p >= k for p, k in zip(new, kernel + kernel)):
