@@ -18,8 +18,14 @@ demo: $(PY)
 test: $(PY)
 	$(PY) -m pytest -n 2 -q tests
 
+# Speed figures (a few minutes each); benchmarks/steps_to_accuracy.py is the long one, run it apart.
 bench: $(PY)
-	$(PY) benchmarks/layer_speed.py
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/layer_speed.py
+	KERAS_BACKEND=jax $(PY) benchmarks/layer_speed.py
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/training_speed.py
+	KERAS_BACKEND=jax $(PY) benchmarks/training_speed.py
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/fold.py
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/export.py
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_output
