@@ -188,14 +188,22 @@ def _is_array(data):
     return isinstance(data, np.ndarray) or ops.is_tensor(data)
 
 
+def _array_inputs(data):
+    """The model inputs `x` when `data` is arrays (an array, a dict of arrays, or a tuple
+    `(x, y[, sample_weight])` of arrays as model.fit takes them), else None (an iterable)."""
+    if isinstance(data, tuple) and data and all(_is_array(item) for item in data):
+        data = data[0]
+    if _is_array(data) or (isinstance(data, dict) and all(map(_is_array, data.values()))):
+        return data
+    return None
+
+
 def _batches(data, batch_size):
     """Yields the model inputs `x` of each batch of `data` (see `estimate_population_statistics`)."""
-    if isinstance(data, tuple) and data and all(_is_array(item) for item in data):
-        data = data[0]  # (x, y[, sample_weight]) arrays, as model.fit takes them
-    if _is_array(data) or (isinstance(data, dict) and all(map(_is_array, data.values()))):
-        length = _batch_length(data)
-        for start in range(0, length, batch_size):
-            yield keras.tree.map_structure(lambda a: a[start : start + batch_size], data)
+    x = _array_inputs(data)
+    if x is not None:
+        for start in range(0, _batch_length(x), batch_size):
+            yield keras.tree.map_structure(lambda a: a[start : start + batch_size], x)
         return
     if isinstance(data, keras.utils.PyDataset):
         iterator = (data[index] for index in range(len(data)))
@@ -217,10 +225,9 @@ def _batch_length(x):
 
 def _length(data, batch_size):
     """The number of batches in `data` when it is known, else None (the progress bar then counts)."""
-    if isinstance(data, tuple) and data and all(_is_array(item) for item in data):
-        data = data[0]
-    if _is_array(data) or isinstance(data, dict):
-        return -(-_batch_length(data) // batch_size)
+    x = _array_inputs(data)
+    if x is not None:
+        return -(-_batch_length(x) // batch_size)
     try:
         return len(data)
     except TypeError:

@@ -14,6 +14,19 @@ import keras_bn
 from keras_bn import _tensorflow
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """A list that grows by one each time the layer calls TensorFlow's fused kernel."""
+    calls = []
+    fused_kernel = _tensorflow.fused_batch_norm_training
+    monkeypatch.setattr(
+        _tensorflow,
+        "fused_batch_norm_training",
+        lambda *args, **kwargs: calls.append(1) or fused_kernel(*args, **kwargs),
+    )
+    return calls
+
+
 def run_training_step(layer, x, dy):
     x = tf.constant(x)
     with tf.GradientTape() as tape:
@@ -34,14 +47,7 @@ def run_training_step(layer, x, dy):
 @pytest.mark.parametrize("unbiased_variance", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("scale,center", [(True, True), (False, False)])
-def test_fused_and_generic_paths_agree(shape, axis, unbiased_variance, dtype, scale, center, monkeypatch):
-    calls = []
-    fused_kernel = _tensorflow.fused_batch_norm_training
-    monkeypatch.setattr(
-        _tensorflow,
-        "fused_batch_norm_training",
-        lambda *args, **kwargs: calls.append(1) or fused_kernel(*args, **kwargs),
-    )
+def test_fused_and_generic_paths_agree(shape, axis, unbiased_variance, dtype, scale, center, fused_calls):
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, shape).astype("float32")
     dy = rng.normal(0, 1, shape).astype("float32")
@@ -54,29 +60,22 @@ def test_fused_and_generic_paths_agree(shape, axis, unbiased_variance, dtype, sc
         layer.build(shape)
         layer.set_weights([w + 0.5 for w in layer.get_weights()])
         results.append(run_training_step(layer, x, dy))
-    assert len(calls) == 1, "fused=None must take the fused kernel when the channel axis is 1 or last"
+    assert len(fused_calls) == 1, "fused=None must take the fused kernel when the channel axis is 1 or last"
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     for fused_value, generic_value in zip(*results):
         np.testing.assert_allclose(fused_value, generic_value, rtol=tolerance, atol=tolerance)
 
 
-def test_fused_path_is_taken_inside_a_compiled_model(monkeypatch):
+def test_fused_path_is_taken_inside_a_compiled_model(fused_calls):
     import keras
 
-    calls = []
-    fused_kernel = _tensorflow.fused_batch_norm_training
-    monkeypatch.setattr(
-        _tensorflow,
-        "fused_batch_norm_training",
-        lambda *args, **kwargs: calls.append(1) or fused_kernel(*args, **kwargs),
-    )
     model = keras.Sequential(
         [keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3), keras_bn.BatchNormalization(),
          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)]
     )
     model.compile("sgd", "mse", jit_compile=True)
     model.fit(np.ones((8, 6, 6, 2)), np.ones((8, 1)), epochs=1, verbose=0)
-    assert calls
+    assert fused_calls
 
 
 def test_fused_true_refuses_cases_it_cannot_run():
