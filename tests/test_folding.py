@@ -490,3 +490,17 @@ def test_folded_model_saves_and_loads(tmp_path):
     loaded = keras.models.load_model(path)
     assert [layer.name for layer in loaded.layers] == [layer.name for layer in folded.layers]
     assert_same_outputs(folded, loaded, rtol=1e-6)
+
+
+def test_verify_tolerance_follows_the_least_precise_layer():
+    # The model's own policy is float32, but its layers compute in float16: the check must allow
+    # float16 rounding (this flaked in CI when it used the model's policy).
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, dtype="mixed_float16")(inputs)
+    x = keras.layers.BatchNormalization(dtype="mixed_float16")(x)
+    outputs = keras.layers.Dense(2, dtype="float32")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    assert model.dtype_policy.compute_dtype == "float32"
+    assert keras_bn.fold_batchnorm(model).fold_report.tolerance == 1e-2
+    float32_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()])
+    assert keras_bn.fold_batchnorm(float32_model).fold_report.tolerance == 1e-3

@@ -45,8 +45,9 @@ def fold_batchnorm(model, verify=True, tolerance=None):
             models are folded inside. Keras's and keras_bn's BatchNormalization both fold.
         verify: run both models on one random batch in inference mode and raise `ValueError`
             if `max|folded - original| > tolerance * max(1, max|original|)`.
-        tolerance: the relative tolerance of `verify`; None picks one for the model's compute
-            dtype (1e-3 for float32, 1e-2 for float16, 5e-2 for bfloat16).
+        tolerance: the relative tolerance of `verify`; None picks one for the least precise
+            compute dtype among the model's layers (1e-3 for float32, 1e-2 for float16, 5e-2
+            for bfloat16), so mixed-precision layers count under a float32 model policy.
 
     Returns:
         A new model with the same inputs, outputs and layer names (less the folded BN). Its
