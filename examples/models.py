@@ -100,9 +100,10 @@ class _Builder:
     """Holds the choices that every conv unit of one network shares: BN or bias, activation, L2."""
 
     def __init__(self, batch_norm, activation, l2, bn_momentum, bn_epsilon, synchronized,
-                 kernel_initializer):
+                 kernel_initializer, bn_layer=keras_bn.BatchNormalization):
         self.kernel_initializer = kernel_initializer
         self.batch_norm = batch_norm
+        self.bn_layer = bn_layer
         self.activation = activation
         self.regularizer = keras.regularizers.L2(l2) if l2 else None
         self.bn_momentum = bn_momentum
@@ -137,7 +138,7 @@ class _Builder:
                 **common,
             )(x)
         if self.batch_norm:
-            x = keras_bn.BatchNormalization(
+            x = self.bn_layer(
                 momentum=self.bn_momentum,
                 epsilon=self.bn_epsilon,
                 synchronized=self.synchronized,
@@ -187,6 +188,7 @@ def _inception(
     synchronized,
     kernel_initializer,
     name,
+    bn_layer=keras_bn.BatchNormalization,
 ):
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
@@ -203,7 +205,8 @@ def _inception(
     if stem not in STEMS:
         raise ValueError(f"`stem` must be one of {STEMS} or 'auto'. Received: stem={stem!r}")
     build = _Builder(
-        batch_norm, activation, l2, bn_momentum, bn_epsilon, synchronized, kernel_initializer
+        batch_norm, activation, l2, bn_momentum, bn_epsilon, synchronized, kernel_initializer,
+        bn_layer,
     )
 
     inputs = keras.Input(input_shape, name="image")
@@ -263,6 +266,7 @@ def bn_inception(
     synchronized=False,
     kernel_initializer="he_normal",
     name="bn_inception",
+    bn_layer=keras_bn.BatchNormalization,
 ):
     """BN-Inception, the network of the paper's Figure 5 (Sec. 4.2), built from `keras_bn` layers.
 
@@ -306,6 +310,8 @@ def bn_inception(
             at chance on digits (GoogLeNet needed auxiliary classifiers), which would make the
             comparison with BN unfair.
         name: the model's name.
+        bn_layer: the BN layer class; `keras.layers.BatchNormalization` builds the same network
+            with Keras's layer, for speed comparisons.
 
     Returns:
         A functional `keras.Model` from images to class probabilities (float32 softmax).
@@ -335,6 +341,7 @@ def bn_inception(
         synchronized=synchronized,
         kernel_initializer=kernel_initializer,
         name=name,
+        bn_layer=bn_layer,
     )
 
 

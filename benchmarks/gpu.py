@@ -1,0 +1,184 @@
+"""BN-Inception on an accelerator: training throughput at the paper's scale, and Figure 3 larger.
+
+Two parts, each merged into `--output-dir`/gpu.json under its own key:
+
+    throughput  images/s of BN-Inception training steps (alpha 1, 224x224x3, 1000 classes,
+                synthetic data, model.fit), with our BN layer and with keras.layers.BatchNormalization
+                in the same process, in float32 and mixed_bfloat16. Medians of --repeats epochs of
+                --steps batches after a warm-up epoch that compiles.
+    figure3     the Figure 3 protocol of examples/train_inception.py (baseline lr grid, baseline's
+                best accuracy as the target, every variant's steps to reach it) on digits upscaled
+                to --image-size, at --alpha; its JSON, PNG and markdown go to --output-dir too.
+
+Meant for KERAS_BACKEND=jax on a GPU (it runs anywhere, slowly):
+
+    KERAS_BACKEND=jax python benchmarks/gpu.py throughput --output-dir /tmp/gpu
+    KERAS_BACKEND=jax python benchmarks/gpu.py figure3 --output-dir /tmp/gpu --alpha 0.25
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_bn  # noqa: E402
+from examples import cli, models  # noqa: E402
+
+LAYERS = {"keras_bn": keras_bn.BatchNormalization, "keras": keras.layers.BatchNormalization}
+
+
+class _SameBatch(keras.utils.PyDataset):
+    """`steps` copies of one synthetic batch: the input pipeline costs nothing but the copy."""
+
+    def __init__(self, x, y, steps):
+        super().__init__()
+        self.x, self.y, self.steps = x, y, steps
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, index):
+        return self.x, self.y
+
+
+def device_description():
+    devices = keras.distribution.list_devices()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        devices = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+    return {"backend": keras.backend.backend(), "devices": [str(d) for d in devices],
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "keras": keras.__version__}
+
+
+def throughput(args):
+    """Images/s of BN-Inception training with each BN layer and precision policy."""
+    rng = np.random.default_rng(0)
+    size, batch = args.image_size, args.batch_size
+    x = rng.standard_normal((batch, size, size, 3)).astype("float32")
+    y = rng.integers(0, 1000, batch).astype("int32")
+    rows, parameters = [], None
+    for policy in args.policies:
+        for name in args.layers:
+            keras.backend.clear_session()  # resets the global policy too: set it afterwards
+            keras.mixed_precision.set_global_policy(policy)
+            keras.utils.set_random_seed(0)
+            model = models.bn_inception(input_shape=(size, size, 3), classes=1000,
+                                        alpha=args.alpha, bn_layer=LAYERS[name])
+            model.compile(optimizer=keras.optimizers.SGD(0.045, momentum=0.9),
+                          loss="sparse_categorical_crossentropy")
+            parameters = model.count_params()
+            start = time.perf_counter()
+            model.fit(_SameBatch(x, y, 3), epochs=1, verbose=0)  # compiles
+            compile_seconds = time.perf_counter() - start
+            seconds = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                model.fit(_SameBatch(x, y, args.steps), epochs=1, verbose=0)
+                seconds.append(time.perf_counter() - start)
+            row = {
+                "policy": policy,
+                "layer": name,
+                "batch_size": batch,
+                "images_per_second": batch * args.steps / statistics.median(seconds),
+                "ms_per_step": 1000 * statistics.median(seconds) / args.steps,
+                "first_epoch_seconds": compile_seconds,
+            }
+            rows.append(row)
+            print(f"{policy:15} {name:9} {row['images_per_second']:8.0f} images/s "
+                  f"({row['ms_per_step']:.1f} ms/step, first epoch {compile_seconds:.0f} s)",
+                  flush=True)
+            del model
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy("float32")
+    for policy in args.policies:
+        by_layer = {r["layer"]: r["images_per_second"] for r in rows if r["policy"] == policy}
+        if len(by_layer) == 2:
+            print(f"{policy}: keras_bn / keras = {by_layer['keras_bn'] / by_layer['keras']:.2f}x")
+    return {
+        "model": f"bn_inception(alpha={args.alpha}, input {size}x{size}x3, 1000 classes), "
+        "SGD momentum 0.9, synthetic data, model.fit",
+        "parameters": parameters,
+        "steps_per_epoch": args.steps,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+
+
+def figure3(args):
+    """The Figure 3 protocol of examples/train_inception.py at a larger scale."""
+    from examples import train_inception
+
+    argv = ["--output-dir", args.output_dir, "--alpha", str(args.alpha),
+            "--image-size", str(args.image_size), "--steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--verbose", "0"]
+    if args.variant_steps:
+        argv += ["--variant-steps", str(args.variant_steps)]
+    if args.seeds:
+        argv += ["--seeds", *map(str, args.seeds)]
+    if args.quick:
+        argv += ["--quick"]
+    start = time.perf_counter()
+    result = train_inception.main(argv)
+    return {
+        "data": f"digits upscaled to {args.image_size}x{args.image_size}",
+        "alpha": args.alpha,
+        "baseline_steps": args.steps,
+        "seconds": time.perf_counter() - start,
+        "learning_rate_grid": result["learning_rate_grid"],
+        "targets": result["targets"],
+        "variants": {
+            name: {k: v for k, v in entry.items() if k != "histories"}
+            for name, entry in result["variants"].items()
+        },
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("throughput", "figure3"))
+    parser.add_argument("--output-dir", default=cli.DEFAULT_RESULTS)
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="width multiplier (default: 1 for throughput, 0.25 for figure3)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default: 224 for throughput, 32 for figure3")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 128 for throughput, the paper's 32 for figure3")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="throughput: batches per timed epoch (default 20); figure3: the "
+                             "baseline's budget (default 1500)")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput: timed epochs")
+    parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16"])
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--variant-steps", type=int, default=None, help="figure3: BN variants' steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--quick", action="store_true", help="figure3: a few steps, no grid")
+    args = parser.parse_args(argv)
+    defaults = {"throughput": (1.0, 224, 128, 20), "figure3": (0.25, 32, 32, 1500)}[args.part]
+    args.alpha = args.alpha or defaults[0]
+    args.image_size = args.image_size or defaults[1]
+    args.batch_size = args.batch_size or defaults[2]
+    args.steps = args.steps or defaults[3]
+    os.makedirs(args.output_dir, exist_ok=True)
+    result = (throughput if args.part == "throughput" else figure3)(args)
+    path = os.path.join(args.output_dir, "gpu.json")
+    payload = json.load(open(path)) if os.path.exists(path) else {}
+    payload[args.part] = {**device_description(), **result}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
