@@ -76,7 +76,7 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
 
     saved_values = [ops.convert_to_numpy(v) for v in model.non_trainable_variables]
     saved_momenta = [layer.momentum for layer in layers]
-    sums = [[0.0, 0.0] for _ in layers]
+    sums = 0.0  # size-weighted sums of every layer's (mu_B, sigma2_B), as one float64 vector
     examples = 0
     used = 0
     try:
@@ -90,13 +90,8 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         for x in _batches(data, batch_size):
             if steps is not None and used >= steps:
                 break
-            forward(x)
             size = _batch_length(x)
-            for layer, sum_ in zip(layers, sums):
-                sum_[0] = sum_[0] + size * ops.convert_to_numpy(layer.moving_mean).astype("float64")
-                sum_[1] = sum_[1] + size * ops.convert_to_numpy(layer.moving_variance).astype(
-                    "float64"
-                )
+            sums = sums + size * forward(x).astype("float64")
             examples += size
             used += 1
             progbar.update(used)
@@ -110,10 +105,12 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
             layer.momentum = momentum
 
     _restore(model, saved_values)
-    for layer, (mean_sum, variance_sum) in zip(layers, sums):
-        mean, variance = mean_sum / examples, variance_sum / examples
-        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
+    averages = np.split(sums / examples, np.cumsum([int(np.prod(v.shape)) for v in _statistics(layers)])[:-1])
+    for layer, mean, variance in zip(layers, averages[0::2], averages[1::2]):
+        layer.moving_mean.assign(mean.reshape(layer.moving_mean.shape).astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(
+            variance.reshape(layer.moving_variance.shape).astype(layer.moving_variance.dtype)
+        )
         if getattr(layer, "renorm", False):
             stddev = np.sqrt(variance + layer.epsilon)
             layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
@@ -129,54 +126,85 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
 
 
 def _training_forward(model, layers):
-    """A function that runs `model` in training mode on a batch, compiled where the backend can.
+    """A function `forward(x)` that runs `model` in training mode on a batch and returns the
+    moving statistics of `layers` afterwards (the batch's, at momentum 0) as one float32 NumPy
+    vector, compiled where the backend can.
 
     Compiling costs seconds on a real network, so the function is kept on the model and reused by
     later calls (one per evaluation during training, say). A trace bakes in which BN layers are
     trainable (and their momentum, always 0 here), so it is rebuilt when those flags change.
+    Returning every statistic in one vector costs one device-to-host copy per batch instead of
+    two reads per layer.
     """
     key = (keras.backend.backend(), tuple((id(layer), layer.trainable) for layer in layers))
     cached = getattr(model, "_keras_bn_population_forward", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    forward = _compile_training_forward(model)
+    forward = _compile_training_forward(model, layers)
     # object.__setattr__: a plain attribute, out of Keras's tracking and saving.
     object.__setattr__(model, "_keras_bn_population_forward", (key, forward))
     return forward
 
 
-def _compile_training_forward(model):
+def _statistics(layers):
+    """moving_mean, moving_variance of each layer, in this order."""
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def _flat(values):
+    return ops.concatenate([ops.reshape(ops.cast(v, "float32"), (-1,)) for v in values])
+
+
+def _compile_training_forward(model, layers):
     backend = keras.backend.backend()
+    statistics = _statistics(layers)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: model(x, training=True), reduce_retracing=True)
+        # XLA halves the pass on CPU, where Keras would compile the model too ("auto"); not
+        # under a distribution strategy, whose cross-replica reductions stay in the plain graph.
+        from keras.src.trainers.trainer import model_supports_jit
+
+        jit = model_supports_jit(model) and not tf.distribute.has_strategy()
+
+        @tf.function(reduce_retracing=True, jit_compile=jit)
+        def tf_forward(x):
+            model(x, training=True)
+            return _flat([v.value for v in statistics])  # read after the updates (auto deps)
+
+        return lambda x: ops.convert_to_numpy(tf_forward(x))
     if backend == "jax":
         import jax
 
+        variables = model.non_trainable_variables
+        positions = [next(i for i, v in enumerate(variables) if v is s) for s in statistics]
+
         @jax.jit
         def stateless_forward(trainable_values, non_trainable_values, x):
-            return model.stateless_call(trainable_values, non_trainable_values, x, training=True)[1]
+            values = model.stateless_call(trainable_values, non_trainable_values, x, training=True)[1]
+            return values, _flat([values[i] for i in positions])
 
         def forward(x):
-            values = stateless_forward(
-                [v.value for v in model.trainable_variables],
-                [v.value for v in model.non_trainable_variables],
-                x,
+            values, flat = stateless_forward(
+                [v.value for v in model.trainable_variables], [v.value for v in variables], x
             )
-            for variable, value in zip(model.non_trainable_variables, values):
+            for variable, value in zip(variables, values):  # dropout's seed state moves on
                 variable.assign(value)
+            return np.asarray(flat)
 
         return forward
-    if backend == "torch":
-        import torch
 
-        def forward(x):
+    def forward(x):
+        if backend == "torch":
+            import torch
+
             with torch.no_grad():
                 model(x, training=True)
+        else:
+            model(x, training=True)
+        return ops.convert_to_numpy(_flat(statistics))
 
-        return forward
-    return lambda x: model(x, training=True)
+    return forward
 
 
 def _restore(model, values):
