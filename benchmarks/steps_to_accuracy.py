@@ -2,22 +2,30 @@
 
 For each network on scikit-learn's digits, with 3 seeds: the baseline's learning rate is the best
 of a grid that extends upward until the baseline degrades or diverges (the chosen rate is never the
-grid's edge); the baseline trains a fixed budget; its best test accuracy is the target; every BN
-variant's steps (and training seconds) to first reach it are counted with an evaluation every 1% of
-the budget. Writes benchmarks/results/steps_to_accuracy.json (per network and variant: steps median
-and per seed, `ratio` = baseline steps / variant steps, `wall_clock_ratio`), steps_to_accuracy.md
-and the accuracy-vs-steps plots figure2_mlp_digits.png and figure2_inception_digits.png.
+grid's edge); the baseline trains a fixed budget long enough to plateau (the JSON records its best
+accuracy by 50/75/100% of the budget); its best test accuracy is the target; every BN variant's
+steps (and training seconds) to first reach it are counted with an evaluation every 1% of the
+budget (every 5% once the target is reached). BN is evaluated with exact population statistics
+(Algorithm 2 over the whole training set) at every evaluation. Writes
+benchmarks/results/steps_to_accuracy.json (per network and variant: steps median and per seed,
+`ratio` = baseline steps / variant steps, `wall_clock_ratio`), steps_to_accuracy.md and the
+accuracy-vs-steps plots figure2_mlp_digits.png and figure2_inception_digits.png.
 
-    .venv/bin/python benchmarks/steps_to_accuracy.py            # ~15 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/steps_to_accuracy.py            # ~15 minutes on 2 CPU cores (JAX)
     .venv/bin/python benchmarks/steps_to_accuracy.py --quick --output-dir /tmp/sta
 """
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# JAX by default: on this 2-core CPU it trains these small networks fastest (BN-Inception 29 ms per
+# step vs TensorFlow's 40-52 ms, the MLP 0.4 ms vs 3-5 ms). KERAS_BACKEND=tensorflow also works.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import platform  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from examples import cli, reporting, training  # noqa: E402
@@ -29,13 +37,29 @@ from examples.data import load_dataset  # noqa: E402
 NETWORKS = {
     "mlp": dict(batch_size=60, steps=3000, learning_rate=0.1,
                 variant_steps={"BN-Baseline": 3000, "BN-x5": 1000, "BN-x30": 1000}),
-    "inception": dict(batch_size=32, steps=600, learning_rate=0.01,
-                      variant_steps={"BN-Baseline": 600, "BN-x5": 300, "BN-x30": 300}),
+    "inception": dict(batch_size=32, steps=1000, learning_rate=0.01,
+                      variant_steps={"BN-Baseline": 1000, "BN-x5": 500, "BN-x30": 500}),
 }
 QUICK = {
     "mlp": dict(batch_size=60, steps=30, variant_steps=20, learning_rate=0.1),
     "inception": dict(batch_size=32, steps=6, variant_steps=4, learning_rate=0.01),
 }
+
+
+def _jax_compilation_cache():
+    """On JAX, a fresh persistent compilation cache for this run: the 3 seeds of a variant share
+    their compiled train, predict and population steps (identical programs), which saves minutes.
+    Returns its folder (removed at the end), or None on other backends."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    folder = tempfile.mkdtemp(prefix="keras_bn_jax_cache_")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return folder
 
 
 def summary(result):
@@ -56,9 +80,9 @@ def main(argv=None):
                         help="variants (default: the baseline - 'Inception' or 'Baseline' for the "
                              "MNIST network - BN-Baseline, BN-x5, BN-x30; BN-x5-Sigmoid is in "
                              "examples/train_inception.py)")
-    parser.set_defaults(statistics="moving")
     args = parser.parse_args(argv)
     cli.apply_runtime_options(args)
+    compilation_cache = None if args.quick else _jax_compilation_cache()
     settings = QUICK if args.quick else NETWORKS
     seeds = args.seeds or [0, 1, 2]
     results, tables = {}, []
@@ -110,6 +134,11 @@ def main(argv=None):
         "total_seconds": time.perf_counter() - start,
         "networks": results,
     }
+    if compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", None)
+        shutil.rmtree(compilation_cache, ignore_errors=True)
     reporting.write_json(os.path.join(args.output_dir, "steps_to_accuracy.json"), payload)
     text = "\n".join(tables) + f"\nTotal time: {payload['total_seconds'] / 60:.1f} min\n"
     reporting.write_text(os.path.join(args.output_dir, "steps_to_accuracy.md"), text)

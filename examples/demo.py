@@ -24,7 +24,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from examples import cli, reporting, training  # noqa: E402
+from examples import cli, models, reporting, training  # noqa: E402
 from examples.data import load_dataset  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(
@@ -117,7 +117,7 @@ def main(argv=None):
     reporting.plot_accuracy_curves(result, os.path.join(out, "accuracy_vs_steps.png"),
                                    "Demo: small BN-Inception on digits")
     reporting.write_text(os.path.join(out, "steps_to_accuracy.md"), table)
-    model = trained["BN-x5"]
+    model = models.with_softmax(trained["BN-x5"])  # trained on logits; deployed with probabilities
 
     print("== 2. Population statistics (Algorithm 2)")
     moving_accuracy = training.evaluate_accuracy(model, data.x_test, data.y_test)

@@ -189,6 +189,7 @@ def _inception(
     kernel_initializer,
     name,
     bn_layer=keras_bn.BatchNormalization,
+    softmax=True,
 ):
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
@@ -235,7 +236,7 @@ def _inception(
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(
         classes,
-        activation="softmax",
+        activation="softmax" if softmax else None,
         kernel_regularizer=build.regularizer,
         dtype="float32",  # softmax in float32 under mixed precision
         name="predictions",
@@ -267,6 +268,7 @@ def bn_inception(
     kernel_initializer="he_normal",
     name="bn_inception",
     bn_layer=keras_bn.BatchNormalization,
+    softmax=True,
 ):
     """BN-Inception, the network of the paper's Figure 5 (Sec. 4.2), built from `keras_bn` layers.
 
@@ -312,6 +314,8 @@ def bn_inception(
         name: the model's name.
         bn_layer: the BN layer class; `keras.layers.BatchNormalization` builds the same network
             with Keras's layer, for speed comparisons.
+        softmax: end in a softmax (class probabilities); False gives logits, for training with
+            `from_logits=True` (see `examples.training.build_variant`).
 
     Returns:
         A functional `keras.Model` from images to class probabilities (float32 softmax).
@@ -342,6 +346,7 @@ def bn_inception(
         kernel_initializer=kernel_initializer,
         name=name,
         bn_layer=bn_layer,
+        softmax=softmax,
     )
 
 
@@ -358,6 +363,7 @@ def inception_baseline(
     l2=4e-5,
     kernel_initializer="he_normal",
     name="inception_baseline",
+    softmax=True,
 ):
     """The paper's "Inception" baseline (Sec. 4.2.1): the network of `bn_inception` without BN.
 
@@ -386,6 +392,7 @@ def inception_baseline(
         synchronized=False,
         kernel_initializer=kernel_initializer,
         name=name,
+        softmax=softmax,
     )
 
 
@@ -400,6 +407,7 @@ def mnist_mlp(
     synchronized=False,
     seed=None,
     name=None,
+    softmax=True,
 ):
     """The MNIST network of Sec. 4.1: three fully-connected hidden layers of 100 sigmoid units.
 
@@ -420,6 +428,7 @@ def mnist_mlp(
         synchronized: synchronise BN across `tf.distribute` replicas.
         seed: seed of the weight initialisers.
         name: the model's name (default "mnist_bn" or "mnist_baseline").
+        softmax: end in a softmax (class probabilities); False gives logits.
 
     Reference:
         Ioffe & Szegedy 2015, Sec. 4.1 and Figure 1, https://arxiv.org/abs/1502.03167
@@ -443,12 +452,19 @@ def mnist_mlp(
     init_seed = None if seed is None else seed
     outputs = keras.layers.Dense(
         classes,
-        activation="softmax",
+        activation="softmax" if softmax else None,
         kernel_initializer=keras.initializers.RandomNormal(stddev=init_stddev, seed=init_seed),
         dtype="float32",
         name="predictions",
     )(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def with_softmax(model):
+    """`model` (ending in logits) followed by a softmax: class probabilities for deployment. The
+    layers are shared, so the result sees every later change to `model`'s weights."""
+    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(model.outputs[0])
+    return keras.Model(model.inputs, probabilities, name=model.name)
 
 
 def sigmoid_input_layer(model):

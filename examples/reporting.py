@@ -104,6 +104,12 @@ def steps_table(result):
             f"{_fmt_ratio(entry['ratio'])} | {_fmt_ratio(entry['wall_clock_ratio'])} | "
             f"{entry['best_accuracy']['median']:.1%} |"
         )
+    plateau = result.get("baseline_plateau")
+    if plateau:
+        by = np.median(np.array(list(plateau.values()), dtype=float), axis=0)
+        lines += ["", f"{result['baseline']}'s best accuracy by 50% / 75% / 100% of its "
+                  f"{result['config']['steps']}-step budget (median of seeds): "
+                  + " / ".join(f"{b:.1%}" for b in by)]
     return "\n".join(lines) + "\n"
 
 

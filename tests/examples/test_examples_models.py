@@ -151,3 +151,13 @@ def test_builders_reject_bad_arguments():
         models.bn_inception(input_shape=(8, 8, 1), stem="big")
     with pytest.raises(ValueError, match="input_shape"):
         models.bn_inception(input_shape=(8, 8))
+
+
+def test_bn_inception_with_keras_batch_normalization_for_comparisons():
+    ours = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125)
+    theirs = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125,
+                                 bn_layer=keras.layers.BatchNormalization)
+    kinds = [{type(l) for l in m.layers if isinstance(l, keras.layers.BatchNormalization)}
+             for m in (ours, theirs)]
+    assert kinds == [{keras_bn.BatchNormalization}, {keras.layers.BatchNormalization}]
+    assert ours.count_params() == theirs.count_params()

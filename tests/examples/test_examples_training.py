@@ -128,8 +128,11 @@ def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digi
     def fake_build(variant, config, input_shape, classes, seed=0):
         return (variant, config.learning_rate)
 
+    targets_seen = {}
+
     def fake_train(model, data, config, **kwargs):
         variant, lr = model
+        targets_seen[variant.name] = (kwargs.get("target"), kwargs.get("eval_every_after_target"))
         if variant.name == "Inception":
             best = {0.01: 0.80, 0.03: 0.85, 0.09: 0.90, 0.27: 0.60}.get(round(lr, 4), 0.5)
             return _fake_history(best, 80)
@@ -151,3 +154,27 @@ def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digi
     assert result["variants"]["Inception"]["steps_to_target"]["median"] == 80
     assert x5["ratio"] == pytest.approx(8.0)
     assert result["variants"]["BN-Baseline"]["ratio"] == pytest.approx(2.0)
+    # BN variants are told the target, and evaluated 5x less often once they reach it.
+    assert targets_seen["BN-x5"] == (0.9, 50) and targets_seen["Inception"][0] is None
+    # The baseline's best by 50/75/100% of its budget: reached at step 80 here.
+    half, three_quarters, whole = result["baseline_plateau"]["0"]
+    assert half < three_quarters < whole == 0.9
+
+
+def test_evaluations_thin_out_after_the_target(digits_images):
+    data = dataclasses.replace(
+        digits_images, x_train=digits_images.x_train.reshape(128, -1),
+        x_test=digits_images.x_test.reshape(64, -1))
+    config = training.Config(family="mlp", learning_rate=0.1, steps=12, eval_every=2, batch_size=32,
+                             statistics="moving", final_population=False)
+    model = training.build_variant("BN-x5", config, data.input_shape, 10)
+    dense = training.train_and_track(model, data, config, verbose=0)
+    assert dense.steps == [0, 2, 4, 6, 8, 10, 12]
+    # A target of 0 is reached at step 0: from then on every 5 steps, and the budget still ends it.
+    sparse = training.train_and_track(model, data, config, verbose=0, target=0.0,
+                                      eval_every_after_target=5)
+    assert sparse.steps == [0, 5, 10, 12]
+    # An unreachable target keeps the dense schedule.
+    never = training.train_and_track(model, data, config, verbose=0, target=1.1,
+                                     eval_every_after_target=5)
+    assert never.steps == dense.steps
