@@ -463,8 +463,8 @@ def mnist_mlp(
 def with_softmax(model):
     """`model` (ending in logits) followed by a softmax: class probabilities for deployment. The
     layers are shared, so the result sees every later change to `model`'s weights."""
-    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(model.outputs[0])
-    return keras.Model(model.inputs, probabilities, name=model.name)
+    probabilities = keras.layers.Softmax(name="probabilities", dtype="float32")(model.output)
+    return keras.Model(model.input, probabilities, name=model.name)
 
 
 def sigmoid_input_layer(model):

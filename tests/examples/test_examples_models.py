@@ -161,3 +161,14 @@ def test_bn_inception_with_keras_batch_normalization_for_comparisons():
              for m in (ours, theirs)]
     assert kinds == [{keras_bn.BatchNormalization}, {keras.layers.BatchNormalization}]
     assert ours.count_params() == theirs.count_params()
+
+
+def test_with_softmax_turns_logits_into_probabilities():
+    logits_model = models.mnist_mlp(input_dim=64, classes=10, batch_norm=True, seed=0, softmax=False)
+    deployed = models.with_softmax(logits_model)
+    x = np.random.default_rng(0).normal(size=(5, 64)).astype("float32")
+    logits = keras.ops.convert_to_numpy(logits_model(x))
+    probabilities = keras.ops.convert_to_numpy(deployed(x))
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(probabilities, expected / expected.sum(-1, keepdims=True), rtol=1e-5)
+    assert deployed.layers[-1].name == "probabilities" and deployed.get_layer("hidden1_bn")
