@@ -31,7 +31,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_bn  # noqa: E402
-from examples import cli, models  # noqa: E402
+from examples import cli, models, reporting  # noqa: E402
 
 LAYERS = {"keras_bn": keras_bn.BatchNormalization, "keras": keras.layers.BatchNormalization}
 
@@ -129,17 +129,15 @@ def figure3(args):
         argv += ["--quick"]
     start = time.perf_counter()
     result = train_inception.main(argv)
+    summary = reporting.without_histories(result)
     return {
         "data": f"digits upscaled to {args.image_size}x{args.image_size}",
         "alpha": args.alpha,
         "baseline_steps": args.steps,
         "seconds": time.perf_counter() - start,
-        "learning_rate_grid": result["learning_rate_grid"],
-        "targets": result["targets"],
-        "variants": {
-            name: {k: v for k, v in entry.items() if k != "histories"}
-            for name, entry in result["variants"].items()
-        },
+        "learning_rate_grid": summary["learning_rate_grid"],
+        "targets": summary["targets"],
+        "variants": summary["variants"],
     }
 
 

@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import contextlib  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -46,30 +47,65 @@ QUICK = {
 }
 
 
-def _jax_compilation_cache():
-    """On JAX, a fresh persistent compilation cache for this run: the 3 seeds of a variant share
+@contextlib.contextmanager
+def _jax_compilation_cache(enabled=True):
+    """On JAX, a fresh persistent compilation cache for the block: the 3 seeds of a variant share
     their compiled train, predict and population steps (identical programs), which saves minutes.
-    Returns its folder (removed at the end), or None on other backends."""
+    The folder is removed and the cache switched off afterwards. Other backends: no-op."""
     import keras
 
-    if keras.backend.backend() != "jax":
-        return None
+    if not enabled or keras.backend.backend() != "jax":
+        yield
+        return
     import jax
 
     folder = tempfile.mkdtemp(prefix="keras_bn_jax_cache_")
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return folder
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def summary(result):
-    """The result without per-evaluation histories (those stay in the per-network JSON)."""
-    out = {k: v for k, v in result.items() if k != "variants"}
-    out["variants"] = {
-        name: {k: v for k, v in entry.items() if k != "histories"}
-        for name, entry in result["variants"].items()
-    }
-    return out
+def run_network(family, args, seeds):
+    """The protocol for one network family; writes its plot and JSON and returns the result."""
+    s = (QUICK if args.quick else NETWORKS)[family]
+    data = load_dataset(args.data, flatten=family == "mlp")
+    if args.quick:
+        data.x_train, data.y_train = data.x_train[:240], data.y_train[:240]
+    config = training.Config(
+        family=family,
+        learning_rate=s["learning_rate"],
+        batch_size=s["batch_size"],
+        steps=s["steps"],
+        eval_every=max(1, s["steps"] // (5 if args.quick else 100)),
+        alpha=args.alpha,
+        statistics=args.statistics,
+        data_parallel=args.data_parallel,
+        run_eagerly=training.quick_runs_eagerly(args.quick),
+        final_population=not args.quick,
+    )
+    with training.data_parallel_scope(args.data_parallel):
+        result = training.steps_to_accuracy(
+            data,
+            config,
+            seeds=seeds,
+            variants=args.variants or (training.BASELINE[family], "BN-Baseline", "BN-x5",
+                                       "BN-x30"),
+            lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
+            variant_steps=s["variant_steps"],
+            verbose=args.verbose,
+        )
+    stem = f"{family}_{data.name}"
+    reporting.plot_accuracy_curves(
+        result, os.path.join(args.output_dir, f"figure2_{stem}.png"),
+        f"{'Figure 1 network (3 x Dense(100, sigmoid))' if family == 'mlp' else 'Small BN-Inception'}"
+        f" on {data.name}: median of {len(seeds)} seeds",
+    )
+    reporting.write_json(os.path.join(args.output_dir, f"steps_to_accuracy_{stem}.json"), result)
+    return result
 
 
 def main(argv=None):
@@ -82,48 +118,14 @@ def main(argv=None):
                              "examples/train_inception.py)")
     args = parser.parse_args(argv)
     cli.apply_runtime_options(args)
-    compilation_cache = None if args.quick else _jax_compilation_cache()
-    settings = QUICK if args.quick else NETWORKS
     seeds = args.seeds or [0, 1, 2]
     results, tables = {}, []
     start = time.perf_counter()
-    for family in args.networks:
-        s = settings[family]
-        data = load_dataset(args.data, flatten=family == "mlp")
-        if args.quick:
-            data.x_train, data.y_train = data.x_train[:240], data.y_train[:240]
-        config = training.Config(
-            family=family,
-            learning_rate=s["learning_rate"],
-            batch_size=s["batch_size"],
-            steps=s["steps"],
-            eval_every=max(1, s["steps"] // (5 if args.quick else 100)),
-            alpha=args.alpha,
-            statistics=args.statistics,
-            data_parallel=args.data_parallel,
-            run_eagerly=training.quick_runs_eagerly(args.quick),
-            final_population=not args.quick,
-        )
-        with training.data_parallel_scope(args.data_parallel):
-            result = training.steps_to_accuracy(
-                data,
-                config,
-                seeds=seeds,
-                variants=args.variants or (training.BASELINE[family], "BN-Baseline", "BN-x5",
-                                           "BN-x30"),
-                lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
-                variant_steps=s["variant_steps"],
-                verbose=args.verbose,
-            )
-        stem = f"{family}_{data.name}"
-        reporting.plot_accuracy_curves(
-            result, os.path.join(args.output_dir, f"figure2_{stem}.png"),
-            f"{'Figure 1 network (3 x Dense(100, sigmoid))' if family == 'mlp' else 'Small BN-Inception'}"
-            f" on {data.name}: median of {len(seeds)} seeds",
-        )
-        reporting.write_json(os.path.join(args.output_dir, f"steps_to_accuracy_{stem}.json"), result)
-        results[family] = summary(result)
-        tables.append(reporting.steps_table(result))
+    with _jax_compilation_cache(enabled=not args.quick):
+        for family in args.networks:
+            result = run_network(family, args, seeds)
+            results[family] = reporting.without_histories(result)
+            tables.append(reporting.steps_table(result))
     import keras
 
     payload = {
@@ -134,11 +136,6 @@ def main(argv=None):
         "total_seconds": time.perf_counter() - start,
         "networks": results,
     }
-    if compilation_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", None)
-        shutil.rmtree(compilation_cache, ignore_errors=True)
     reporting.write_json(os.path.join(args.output_dir, "steps_to_accuracy.json"), payload)
     text = "\n".join(tables) + f"\nTotal time: {payload['total_seconds'] / 60:.1f} min\n"
     reporting.write_text(os.path.join(args.output_dir, "steps_to_accuracy.md"), text)

@@ -318,7 +318,8 @@ def bn_inception(
             `from_logits=True` (see `examples.training.build_variant`).
 
     Returns:
-        A functional `keras.Model` from images to class probabilities (float32 softmax).
+        A functional `keras.Model` from images to class probabilities (float32 softmax), or to
+        float32 logits with `softmax=False`.
 
     Reference:
         Ioffe & Szegedy 2015, Sec. 4.2 and Appendix (Figure 5), https://arxiv.org/abs/1502.03167

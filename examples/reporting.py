@@ -85,6 +85,17 @@ def _fmt_ratio(value):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}x"
 
 
+def without_histories(result):
+    """A `training.steps_to_accuracy` result without the per-evaluation histories (those stay in
+    the full JSON): the summary that aggregate files keep."""
+    out = {k: v for k, v in result.items() if k != "variants"}
+    out["variants"] = {
+        name: {k: v for k, v in entry.items() if k != "histories"}
+        for name, entry in result["variants"].items()
+    }
+    return out
+
+
 def steps_table(result):
     """Figure 3 as markdown: steps to the baseline's best accuracy, the ratio, and best accuracy."""
     target = float(np.median(list(result["targets"].values())))

@@ -366,12 +366,15 @@ def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None,
             history.probes.append(probe(model))
         return accuracy
 
-    interval = config.eval_every
-    if evaluate(0, float("nan")) >= (target if target is not None else math.inf):
-        interval = eval_every_after_target or config.eval_every
+    def next_interval():
+        reached = target is not None and history.first_reaching(target)[0] is not None
+        return (eval_every_after_target or config.eval_every) if reached else config.eval_every
+
+    evaluate(0, float("nan"))
     step = 0
     chunk_seconds = []
     while step < config.steps:
+        interval = next_interval()
         chunk = indices[step : step + interval].reshape(-1)
         start = time.perf_counter()
         # One `fit` call per evaluation interval: Keras distributes its batches over the replicas
@@ -398,8 +401,6 @@ def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None,
             progbar.update(config.steps, [("loss", loss)], finalize=True)
             break
         accuracy = evaluate(step, loss)
-        if target is not None and accuracy >= target - 1e-9:
-            interval = eval_every_after_target or config.eval_every
         progbar.update(step, [("loss", loss), ("test_acc", accuracy)])
     if len(chunk_seconds) > 1:
         per_step = float(np.median([sec / n for sec, n in chunk_seconds[1:]]))

@@ -105,12 +105,13 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
             layer.momentum = momentum
 
     _restore(model, saved_values)
-    averages = np.split(sums / examples, np.cumsum([int(np.prod(v.shape)) for v in _statistics(layers)])[:-1])
+    sizes = [int(np.prod(v.shape)) for v in _statistics(layers)]
+    averages = np.split(sums / examples, np.cumsum(sizes)[:-1])
     for layer, mean, variance in zip(layers, averages[0::2], averages[1::2]):
-        layer.moving_mean.assign(mean.reshape(layer.moving_mean.shape).astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(
-            variance.reshape(layer.moving_variance.shape).astype(layer.moving_variance.dtype)
-        )
+        mean = mean.reshape(layer.moving_mean.shape)
+        variance = variance.reshape(layer.moving_variance.shape)
+        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
         if getattr(layer, "renorm", False):
             stddev = np.sqrt(variance + layer.epsilon)
             layer.moving_stddev.assign(stddev.astype(layer.moving_stddev.dtype))
