@@ -13,7 +13,8 @@ Two parts, each merged into `--output-dir`/gpu.json under its own key:
 Meant for KERAS_BACKEND=jax on a GPU (it runs anywhere, slowly):
 
     KERAS_BACKEND=jax python benchmarks/gpu.py throughput --output-dir /tmp/gpu
-    KERAS_BACKEND=jax python benchmarks/gpu.py figure3 --output-dir /tmp/gpu --alpha 0.25
+    KERAS_BACKEND=jax python benchmarks/gpu.py figure3 --output-dir /tmp/gpu --alpha 0.25 \
+        --checkpoint /tmp/gpu/figure3_runs.json     # rerun the same line to resume
 """
 import os
 import sys
@@ -31,7 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_bn  # noqa: E402
-from examples import cli, models, reporting  # noqa: E402
+from examples import cli, models, reporting, training  # noqa: E402
 
 LAYERS = {"keras_bn": keras_bn.BatchNormalization, "keras": keras.layers.BatchNormalization}
 
@@ -51,12 +52,7 @@ class _SameBatch(keras.utils.PyDataset):
 
 
 def device_description():
-    devices = keras.distribution.list_devices()
-    if keras.backend.backend() == "jax":
-        import jax
-
-        devices = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
-    return {"backend": keras.backend.backend(), "devices": [str(d) for d in devices],
+    return {"backend": keras.backend.backend(), "devices": training.local_devices(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "keras": keras.__version__}
 
 
@@ -120,7 +116,9 @@ def figure3(args):
 
     argv = ["--output-dir", args.output_dir, "--alpha", str(args.alpha),
             "--image-size", str(args.image_size), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--verbose", "0"]
+            "--batch-size", str(args.batch_size), "--verbose", str(args.verbose)]
+    if args.checkpoint:
+        argv += ["--checkpoint", args.checkpoint]
     if args.variant_steps:
         argv += ["--variant-steps", str(args.variant_steps)]
     if args.seeds:
@@ -134,7 +132,7 @@ def figure3(args):
         "data": f"digits upscaled to {args.image_size}x{args.image_size}",
         "alpha": args.alpha,
         "baseline_steps": args.steps,
-        "seconds": time.perf_counter() - start,
+        "seconds_this_invocation": time.perf_counter() - start,  # a resumed run reads others back
         "learning_rate_grid": summary["learning_rate_grid"],
         "targets": summary["targets"],
         "variants": summary["variants"],
@@ -161,6 +159,11 @@ def main(argv=None):
     parser.add_argument("--variant-steps", type=int, default=None, help="figure3: BN variants' steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--quick", action="store_true", help="figure3: a few steps, no grid")
+    parser.add_argument("--checkpoint", default=None,
+                        help="figure3: JSON file of finished runs, to resume an interrupted protocol "
+                             "(a lent machine's time limit, say)")
+    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1),
+                        help="figure3: progress bars and a line per finished run")
     args = parser.parse_args(argv)
     defaults = {"throughput": (1.0, 224, 128, 20), "figure3": (0.25, 32, 32, 1500)}[args.part]
     args.alpha = args.alpha or defaults[0]

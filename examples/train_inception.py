@@ -72,7 +72,7 @@ def measure_throughput(args):
         seconds = time.perf_counter() - start
     result = {
         "backend": keras.backend.backend(),
-        "devices": [str(d) for d in keras.distribution.list_devices()],
+        "devices": training.local_devices(),
         "replicas": replicas,
         "mixed_precision": args.mixed_precision,
         "alpha": args.alpha,
@@ -106,6 +106,9 @@ def main(argv=None):
                         help="ratio between consecutive rates of the grid")
     parser.add_argument("--variants", nargs="+", default=list(training.FAMILY_VARIANTS["inception"]),
                         choices=list(training.VARIANTS), help="variants to train")
+    parser.add_argument("--checkpoint", default=None,
+                        help="JSON file recording each finished training run; a rerun with the same "
+                             "file reads those back and resumes the protocol where it stopped")
     parser.add_argument("--throughput", action="store_true",
                         help="only measure training images/s on synthetic data")
     parser.add_argument("--throughput-steps", type=int, default=50)
@@ -142,6 +145,7 @@ def main(argv=None):
             lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
             variant_steps=args.variant_steps,
             verbose=args.verbose,
+            checkpoint=args.checkpoint,
         )
     stem = f"train_inception_{data.name}"  # benchmarks/steps_to_accuracy.py owns "inception_*"
     table = write_results(result, args.output_dir, stem,

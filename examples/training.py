@@ -9,8 +9,10 @@ the steps each BN variant needs to first reach it.
 """
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import os
 import time
 
 import keras
@@ -206,6 +208,25 @@ def _mirrored_strategy():
     return _STRATEGIES[0]
 
 
+def local_devices():
+    """The devices the backend computes on, as strings: "gpu:0 (NVIDIA H100 80GB HBM3)", "cpu"...
+
+    (`keras.distribution.list_devices` has no torch implementation.)"""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id} ({d.device_kind})" for d in jax.devices()]
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                    for i in range(torch.cuda.device_count())]
+        return ["cpu"]
+    return [str(d) for d in keras.distribution.list_devices()]
+
+
 def replica_count():
     """How many replicas the current data-parallel scope trains on (1 outside one)."""
     if keras.backend.backend() == "tensorflow":
@@ -277,6 +298,43 @@ class History:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields):
+        return cls(**fields)
+
+
+class RunLog:
+    """The finished training runs of one protocol, kept in a JSON file, so that an interrupted
+    protocol resumes where it stopped (a long run on a lent accelerator, say).
+
+    `fingerprint` describes what every run shares (the data and the `Config`); a file written
+    under another fingerprint is refused rather than mixed in. Each run is stored under a key
+    naming what sets it apart (variant, seed, learning rate, steps, target).
+    """
+
+    def __init__(self, path, fingerprint):
+        self.path, self.fingerprint, self.runs = path, fingerprint, {}
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"The checkpoint {path} was written by another protocol (other data or "
+                    "configuration); name a new file or delete it. "
+                    f"Its fingerprint: {saved.get('fingerprint')}; this run's: {fingerprint}"
+                )
+            self.runs = saved["runs"]
+
+    def get(self, key):
+        return History.from_dict(self.runs[key]) if key in self.runs else None
+
+    def put(self, key, history):
+        self.runs[key] = history.to_dict()
+        partial = f"{self.path}.partial"
+        with open(partial, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "runs": self.runs}, f)
+        os.replace(partial, self.path)  # a run killed mid-write leaves the last good file
 
 
 def has_batch_normalization(model):
@@ -453,6 +511,7 @@ def steps_to_accuracy(
     sparse_factor=5,
     verbose=1,
     return_models=False,
+    checkpoint=None,
 ):
     """The Figure 3 protocol: how many fewer steps the BN variants need to reach the baseline's best.
 
@@ -477,16 +536,43 @@ def steps_to_accuracy(
         the medians), `ratio_per_seed`, `wall_clock_ratio` (the same in training seconds) and
         each variant's best accuracy (median and per seed). With `return_models=True`, a pair
         `(result, models)` where `models` maps each variant to its trained model of the last seed.
+        With `checkpoint` (a JSON file path), every finished run is recorded there (see `RunLog`)
+        and a run already recorded is read back instead of trained again; not with
+        `return_models`.
     """
     names = tuple(variants or FAMILY_VARIANTS[config.family])
     baseline_name = BASELINE[config.family]
     if baseline_name not in names:
         raise ValueError(f"`variants` must include the baseline {baseline_name!r}. Received: {names}")
     seeds = tuple(seeds)
+    if checkpoint and return_models:
+        raise ValueError("`checkpoint` and `return_models` exclude each other: a run read back "
+                         "from the checkpoint has no model.")
+    log = checkpoint and RunLog(checkpoint, {
+        "backend": keras.backend.backend(),
+        "data": data.name,
+        "x_train": list(data.x_train.shape),
+        "x_test": list(data.x_test.shape),
+        "config": dataclasses.asdict(config),
+    })
 
     trained = {}
 
     def run(name, seed, learning_rate, steps, target=None):
+        key = f"{name} seed={seed} lr={learning_rate!r} steps={steps} target={target!r}"
+        history = log and log.get(key)
+        if history is None:
+            history = train(name, seed, learning_rate, steps, target)
+            if verbose:
+                best, step, _ = history.best()
+                print(f"{config.family} {name} seed={seed}: best {best:.4f} at step {step}")
+            if log:
+                log.put(key, history)
+        elif verbose:
+            print(f"{config.family} {name} seed={seed}: read back from {checkpoint}")
+        return history
+
+    def train(name, seed, learning_rate, steps, target):
         # `learning_rate` is the baseline's; `build_variant` applies the variant's multiplier, and
         # the lr decay keeps the baseline budget as its time scale whatever the run's length.
         run_config = dataclasses.replace(

@@ -54,6 +54,11 @@ def bn_inference(x, gamma, beta, mean, variance, axis=-1, epsilon=EPSILON):
     return per_channel(a, x.shape, axis) * x.astype("float64") + per_channel(b, x.shape, axis)
 
 
+def to_numpy(x):
+    """A backend tensor (on any device: a CUDA tensor of torch too) or variable as a NumPy array."""
+    return keras.ops.convert_to_numpy(x)
+
+
 def training_gradients(layer, x, dy):
     """Runs `layer` in training mode; returns (y, dx, [d trainable weights]) of sum(y * dy).
 
@@ -89,4 +94,13 @@ def training_gradients(layer, x, dy):
         for variable, value in zip(layer.non_trainable_variables, updated):
             variable.assign(value)
         return np.asarray(y), np.asarray(dx), [np.asarray(g) for g in dweights]
+    if backend == "torch":
+        import torch
+
+        x = keras.ops.convert_to_tensor(x).detach().requires_grad_(True)  # on Keras's device
+        y = layer(x, training=True)  # builds the layer, and updates the moving statistics
+        loss = torch.sum(y.float() * torch.as_tensor(dy, device=y.device))
+        weights = [v.value for v in layer.trainable_variables]
+        dx, *dweights = torch.autograd.grad(loss, [x, *weights])
+        return to_numpy(y.detach()), to_numpy(dx), [to_numpy(g) for g in dweights]
     raise NotImplementedError(f"gradient helper for backend {backend}")

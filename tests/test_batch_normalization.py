@@ -17,6 +17,7 @@ from reference import (
     bn_train_backward,
     bn_train_forward,
     per_channel,
+    to_numpy,
     training_gradients,
 )
 
@@ -158,9 +159,9 @@ def test_inference_matches_algorithm_2_and_updates_nothing(shape, axis):
         x, stats["gamma"], stats["beta"], stats["moving_mean"], stats["moving_variance"], axis
     )
     for training in (None, False):
-        np.testing.assert_allclose(layer(x, training=training), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(to_numpy(layer(x, training=training)), expected, rtol=1e-4, atol=1e-4)
     layer.trainable = False  # a frozen layer uses population statistics whatever `training` says
-    np.testing.assert_allclose(layer(x, training=True), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(layer.moving_mean.numpy(), stats["moving_mean"].astype("float32"))
     np.testing.assert_array_equal(
         layer.moving_variance.numpy(), stats["moving_variance"].astype("float32")
@@ -178,11 +179,11 @@ def test_biased_mode_agrees_with_keras_layer(shape, axis):
     theirs.set_weights(ours.get_weights())  # same weights, same order
     for _ in range(3):
         x = rng.normal(2.0, 3.0, shape).astype("float32")
-        np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(to_numpy(ours(x, training=True)), to_numpy(theirs(x, training=True)), rtol=1e-4, atol=1e-4)
     for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, keras_weight, rtol=1e-5, atol=1e-5)
     x = rng.normal(2.0, 3.0, shape).astype("float32")
-    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(ours(x)), to_numpy(theirs(x)), rtol=1e-4, atol=1e-4)
     ours.set_weights(theirs.get_weights())  # and back
 
 
@@ -203,7 +204,7 @@ def test_masked_statistics_leave_masked_values_out():
     x = rng.normal(1, 2, (4, 6, 3)).astype("float32")
     mask = rng.uniform(size=(4, 6)) > 0.4
     layer = keras_bn.BatchNormalization(momentum=0.0)
-    y = np.asarray(layer(x, training=True, mask=mask))
+    y = to_numpy(layer(x, training=True, mask=mask))
     kept = x[mask]  # (count, channels)
     mean, variance = kept.mean(0), kept.var(0)
     np.testing.assert_allclose(y[mask], (kept - mean) / np.sqrt(variance + EPSILON), rtol=1e-4, atol=1e-4)
@@ -213,7 +214,7 @@ def test_masked_statistics_leave_masked_values_out():
     )
     keras_layer = keras.layers.BatchNormalization(momentum=0.0)
     np.testing.assert_allclose(
-        keras_layer(x, training=True, mask=mask), y, rtol=1e-3, atol=1e-3
+        to_numpy(keras_layer(x, training=True, mask=mask)), y, rtol=1e-3, atol=1e-3
     )
 
 
@@ -227,7 +228,7 @@ def test_masking_inside_a_model():
     )
     tokens = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 0, 0]])
     model(tokens, training=True)
-    embedded = np.asarray(model.layers[0](tokens))
+    embedded = to_numpy(model.layers[0](tokens))
     kept = embedded[tokens > 0]
     np.testing.assert_allclose(model.layers[1].moving_mean.numpy(), kept.mean(0), rtol=1e-5, atol=1e-6)
 
@@ -236,7 +237,7 @@ def test_virtual_batches_normalize_each_ghost_batch():
     rng = np.random.default_rng(6)
     x = rng.normal(1, 2, (8, 3, 3, 2)).astype("float32")
     layer = keras_bn.BatchNormalization(virtual_batch_size=4, momentum=0.0)
-    y = np.asarray(layer(x, training=True))
+    y = to_numpy(layer(x, training=True))
     ghosts = x.reshape(2, 4, 3, 3, 2)
     mean = ghosts.mean((1, 2, 3), keepdims=True)
     variance = ghosts.var((1, 2, 3), keepdims=True)
@@ -258,7 +259,7 @@ def test_renorm_biased_mode_agrees_with_keras_renorm():
     theirs = keras.layers.BatchNormalization(**kwargs)
     for _ in range(3):
         x = rng.normal(1.0, 2.0, (6, 4)).astype("float32")
-        np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(to_numpy(ours(x, training=True)), to_numpy(theirs(x, training=True)), rtol=1e-4, atol=1e-4)
     for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, keras_weight, rtol=1e-5, atol=1e-5)
 
@@ -279,15 +280,15 @@ def test_mixed_precision_large_inputs_stay_finite(policy, shape, axis):
     layer = keras_bn.BatchNormalization(axis=axis, dtype=policy, momentum=0.0)
     y = layer(x, training=True)
     assert keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
-    y = np.asarray(keras.ops.cast(y, "float32"))
+    y = to_numpy(keras.ops.cast(y, "float32"))
     assert np.all(np.isfinite(y))
-    x_low = np.asarray(keras.ops.cast(keras.ops.cast(x, policy.split("_")[1]), "float32"))
+    x_low = to_numpy(keras.ops.cast(keras.ops.cast(x, policy.split("_")[1]), "float32"))
     expected, mean, _, _ = bn_train_forward(x_low, np.ones(shape[axis]), np.zeros(shape[axis]), axis)
     np.testing.assert_allclose(y, expected, atol=0.05, rtol=0.05)
     assert layer.moving_variance.dtype == "float32"
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
     np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-2, atol=30)
-    inference = np.asarray(keras.ops.cast(layer(x), "float32"))
+    inference = to_numpy(keras.ops.cast(layer(x), "float32"))
     assert np.all(np.isfinite(inference))
 
 
@@ -295,7 +296,7 @@ def test_mixed_precision_large_inputs_stay_finite(policy, shape, axis):
 def test_batch_of_one_is_finite(shape):
     x = np.random.default_rng(10).normal(0, 1, shape).astype("float32")
     layer = keras_bn.BatchNormalization(axis=1 if shape[1] == 3 else -1)
-    y = np.asarray(layer(x, training=True))
+    y = to_numpy(layer(x, training=True))
     assert np.all(np.isfinite(y))
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
 
@@ -318,7 +319,7 @@ def test_keras_file_round_trip(tmp_path):
     assert isinstance(layer, keras_bn.BatchNormalization)
     assert (layer.unbiased_variance, layer.virtual_batch_size, layer.epsilon) == (False, 2, 1e-5)
     x = rng.normal(size=(4, 6, 6, 2)).astype("float32")
-    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6)
 
 
 def test_trains_in_a_model_with_fit():
@@ -394,7 +395,7 @@ def test_statistics_stay_accurate_for_a_large_mean_against_a_small_spread():
     rng = np.random.default_rng(14)
     x = (1e4 + rng.normal(0, 1, (64, 8))).astype("float32")
     layer = keras_bn.BatchNormalization(momentum=0.0, fused=False)
-    y = np.asarray(layer(x, training=True))
+    y = to_numpy(layer(x, training=True))
     np.testing.assert_allclose(
         layer.moving_variance.numpy(), x.astype("float64").var(0, ddof=1), rtol=1e-3
     )

@@ -4,6 +4,7 @@ TensorFlow: two logical CPU devices and `tf.distribute.MirroredStrategy` with sy
 JAX: `XLA_FLAGS=--xla_force_host_platform_device_count=2` and `keras.distribution.DataParallel`.
 Each checks that a data-parallel training step of the BN network equals the single-device step on
 the same global batch (so BN's statistics are global), then runs figure1.py --data-parallel.
+Torch: no data-parallel engine; asking for one is a clear error.
 """
 import json
 import os
@@ -12,6 +13,9 @@ import subprocess
 import sys
 
 import keras
+import pytest
+
+from examples import training
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -56,6 +60,11 @@ def test_data_parallel_on_two_cpu_devices(tmp_path):
     # The engine of the backend under test: CI runs the suite under TensorFlow and under JAX, so
     # both MirroredStrategy and keras.distribution.DataParallel are exercised, each once.
     backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):  # torch: Keras offers no data-parallel engine here
+        with pytest.raises(ValueError, match="supports tensorflow and jax"):
+            with training.data_parallel_scope(True):
+                pass
+        return
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
            "CUDA_VISIBLE_DEVICES": ""}
     if backend == "jax":

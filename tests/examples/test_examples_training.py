@@ -1,5 +1,6 @@
 """The training loop, the variants and the Figure 3 protocol (grid rule, target, counts)."""
 import dataclasses
+import json
 
 import keras
 import numpy as np
@@ -104,7 +105,7 @@ def test_population_statistics_evaluation_sets_moving_statistics(digits_images):
     model = training.build_variant("BN-x5", config, data.input_shape, 10)
     training.train_and_track(model, data, config, verbose=0)
     bn = model.get_layer("hidden1_bn")
-    dense = keras.Model(model.inputs, model.get_layer("hidden1_dense").output)
+    dense = keras.Model(model.inputs[0], model.get_layer("hidden1_dense").output)
     values = keras.ops.convert_to_numpy(dense(data.x_train[:128]))
     batches = values.reshape(4, 32, -1)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean),
@@ -123,8 +124,9 @@ def _fake_history(best, steps_to_best, diverged=False):
     return history
 
 
-def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digits_images):
-    # Baseline: best accuracy rises with lr up to 0.09, then degrades; BN variants reach 0.9 fast.
+def _fake_training(monkeypatch):
+    """Replace training by histories: the baseline's best accuracy rises with lr up to 0.09, then
+    degrades; BN variants reach 0.95 fast. Returns what each variant was told, by variant name."""
     def fake_build(variant, config, input_shape, classes, seed=0):
         return (variant, config.learning_rate)
 
@@ -141,6 +143,11 @@ def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digi
     monkeypatch.setattr(training, "build_variant", lambda v, *a, **k: fake_build(
         training.VARIANTS[v] if isinstance(v, str) else v, *a, **k))
     monkeypatch.setattr(training, "train_and_track", fake_train)
+    return targets_seen
+
+
+def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digits_images):
+    targets_seen = _fake_training(monkeypatch)
     config = training.Config(family="inception", learning_rate=0.01, steps=100, eval_every=10)
     result = training.steps_to_accuracy(digits_images, config, seeds=(0, 1), verbose=0,
                                         variants=("Inception", "BN-Baseline", "BN-x5"))
@@ -178,3 +185,25 @@ def test_evaluations_thin_out_after_the_target(digits_images):
     never = training.train_and_track(model, data, config, verbose=0, target=1.1,
                                      eval_every_after_target=5)
     assert never.steps == dense.steps
+
+
+def test_protocol_resumes_from_its_checkpoint(monkeypatch, digits_images, tmp_path):
+    _fake_training(monkeypatch)
+    config = training.Config(family="inception", learning_rate=0.01, steps=100, eval_every=10)
+    path = str(tmp_path / "runs.json")
+    kwargs = dict(seeds=(0, 1), verbose=0, variants=("Inception", "BN-x5"), checkpoint=path)
+    first = training.steps_to_accuracy(digits_images, config, **kwargs)
+    # 4 grid rates (seed 0), the baseline's seed 1, BN-x5's two seeds.
+    assert len(json.loads(open(path).read())["runs"]) == 7
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(training, "train_and_track", no_training)
+    assert training.steps_to_accuracy(digits_images, config, **kwargs) == first
+    # Another configuration must not read these runs, nor can a run without models be returned.
+    other = dataclasses.replace(config, steps=200)
+    with pytest.raises(ValueError, match="another protocol"):
+        training.steps_to_accuracy(digits_images, other, **kwargs)
+    with pytest.raises(ValueError, match="exclude each other"):
+        training.steps_to_accuracy(digits_images, config, return_models=True, **kwargs)
