@@ -548,19 +548,19 @@ def steps_to_accuracy(
     if checkpoint and return_models:
         raise ValueError("`checkpoint` and `return_models` exclude each other: a run read back "
                          "from the checkpoint has no model.")
-    log = checkpoint and RunLog(checkpoint, {
+    log = RunLog(checkpoint, {
         "backend": keras.backend.backend(),
         "data": data.name,
         "x_train": list(data.x_train.shape),
         "x_test": list(data.x_test.shape),
         "config": dataclasses.asdict(config),
-    })
+    }) if checkpoint else None
 
     trained = {}
 
     def run(name, seed, learning_rate, steps, target=None):
         key = f"{name} seed={seed} lr={learning_rate!r} steps={steps} target={target!r}"
-        history = log and log.get(key)
+        history = log.get(key) if log else None
         if history is None:
             history = train(name, seed, learning_rate, steps, target)
             if verbose:
