@@ -123,6 +123,8 @@ def figure3(args):
         argv += ["--variant-steps", str(args.variant_steps)]
     if args.seeds:
         argv += ["--seeds", *map(str, args.seeds)]
+    if args.variants:
+        argv += ["--variants", *args.variants]
     if args.quick:
         argv += ["--quick"]
     start = time.perf_counter()
@@ -158,6 +160,8 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--variant-steps", type=int, default=None, help="figure3: BN variants' steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="figure3: variants to train (default: all five of Figure 3)")
     parser.add_argument("--quick", action="store_true", help="figure3: a few steps, no grid")
     parser.add_argument("--checkpoint", default=None,
                         help="figure3: JSON file of finished runs, to resume an interrupted protocol "
@@ -172,13 +176,11 @@ def main(argv=None):
     args.steps = args.steps or defaults[3]
     os.makedirs(args.output_dir, exist_ok=True)
     result = (throughput if args.part == "throughput" else figure3)(args)
-    path = os.path.join(args.output_dir, "gpu.json")
-    payload = json.load(open(path)) if os.path.exists(path) else {}
-    payload[args.part] = {**device_description(), **result}
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    path = reporting.merge_json(os.path.join(args.output_dir, "gpu.json"), args.part,
+                                {**device_description(), **result})
     print(f"wrote {path}")
-    return payload
+    with open(path) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ Results are merged into benchmarks/results/layer_speed.json under the backend's 
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_bn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
+from examples import reporting  # noqa: E402
 
 SHAPES = [(64, 32, 32, 64), (32, 56, 56, 128), (256, 1024)]
 RESULTS = Path(__file__).parent / "results" / "layer_speed.json"
@@ -181,16 +184,13 @@ def main():
                      f"{row['fused_kernel_train_ratio']:.2f}" if "fused_kernel_train_ms" in row
                      else ""), flush=True)
 
-    results = json.loads(args.output.read_text()) if args.output.exists() else {}
-    results[backend] = {
+    reporting.merge_json(args.output, backend, {
         "rows": rows,
         "repeats": args.repeats,
         "iterations": args.iterations,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "versions": {"keras": keras.__version__, backend: __import__(backend).__version__},
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    })
     print(f"wrote {args.output}")
 
 

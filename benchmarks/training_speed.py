@@ -13,9 +13,9 @@ Results are merged into benchmarks/results/training_speed.json under the backend
 """
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_bn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
+from examples import reporting  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "training_speed.json"
 
@@ -82,11 +85,10 @@ def main():
         print(f"jit_compile={jit_compile!s:5}  keras {row['keras_images_per_second']:7.0f}  "
               f"keras_bn {row['keras_bn_images_per_second']:7.0f}  speed-up {row['speedup']:.2f}x",
               flush=True)
-    results = json.loads(args.output.read_text()) if args.output.exists() else {}
-    results[backend] = {"rows": rows, "examples": args.examples, "repeats": args.repeats,
-                        "machine": f"{os.cpu_count()} CPU cores", "keras": keras.__version__}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    reporting.merge_json(args.output, backend, {
+        "rows": rows, "examples": args.examples, "repeats": args.repeats,
+        "machine": f"{os.cpu_count()} CPU cores", "keras": keras.__version__,
+    })
     print(f"wrote {args.output}")
 
 

@@ -25,6 +25,17 @@ def write_json(path, payload):
     return path
 
 
+def merge_json(path, key, value):
+    """Set `key` to `value` in the JSON object at `path` (created if missing), keeping the other
+    keys: how benchmarks keep one file with a section per backend or part."""
+    payload = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            payload = json.load(f)
+    payload[key] = value
+    return write_json(path, payload)
+
+
 def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()

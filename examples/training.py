@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 import keras_bn
-from examples import models
+from examples import models, reporting
 
 logger = logging.getLogger(__name__)
 
@@ -331,10 +331,8 @@ class RunLog:
 
     def put(self, key, history):
         self.runs[key] = history.to_dict()
-        partial = f"{self.path}.partial"
-        with open(partial, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "runs": self.runs}, f)
-        os.replace(partial, self.path)  # a run killed mid-write leaves the last good file
+        # Atomic: a process killed mid-write leaves the last complete file.
+        reporting.write_json(self.path, {"fingerprint": self.fingerprint, "runs": self.runs})
 
 
 def has_batch_normalization(model):

@@ -13,15 +13,16 @@ from examples import demo, figure1, train_inception
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _load_benchmark():
-    path = ROOT / "benchmarks" / "steps_to_accuracy.py"
-    spec = importlib.util.spec_from_file_location("steps_to_accuracy_benchmark", path)
+def _load_benchmark(name):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-steps_benchmark = _load_benchmark()
+steps_benchmark = _load_benchmark("steps_to_accuracy")
+gpu_benchmark = _load_benchmark("gpu")
 
 
 def test_figure1_quick(tmp_path, capsys):
@@ -78,6 +79,23 @@ def test_steps_to_accuracy_benchmark_quick(tmp_path):
     assert variants["Baseline"]["ratio"] == 1.0
     assert payload["backend"] == keras.backend.backend()
     assert (tmp_path / "figure2_mlp_digits.png").exists()
+
+
+def test_gpu_benchmark_parts_merge_into_one_file(tmp_path):
+    # Both parts at a toy size: each writes its own key of gpu.json and keeps the other's.
+    gpu_benchmark.main(["throughput", "--output-dir", str(tmp_path), "--alpha", "0.125",
+                        "--image-size", "32", "--batch-size", "4", "--steps", "1", "--repeats", "1",
+                        "--policies", "float32", "--layers", "keras_bn"])
+    payload = gpu_benchmark.main(["figure3", "--quick", "--output-dir", str(tmp_path),
+                                  "--steps", "4", "--seeds", "0", "--verbose", "0",
+                                  "--variants", "Inception",  # the baseline alone: a toy run
+                                  "--checkpoint", str(tmp_path / "runs.json")])
+    assert set(json.loads((tmp_path / "gpu.json").read_text())) == {"throughput", "figure3"}
+    (row,) = payload["throughput"]["rows"]
+    assert row["layer"] == "keras_bn" and row["images_per_second"] > 0
+    assert payload["throughput"]["backend"] == keras.backend.backend()
+    assert set(payload["figure3"]["variants"]) == {"Inception"}
+    assert (tmp_path / "runs.json").exists()
 
 
 def test_scripts_report_bad_input_in_one_line(tmp_path, capsys):
