@@ -9,6 +9,8 @@ Two parts, each merged into `--output-dir`/gpu.json under its own key:
     figure3     the Figure 3 protocol of examples/train_inception.py (baseline lr grid, baseline's
                 best accuracy as the target, every variant's steps to reach it) on digits upscaled
                 to --image-size, at --alpha; its JSON, PNG and markdown go to --output-dir too.
+                Every other option goes to examples/train_inception.py (see its --help):
+                --seeds, --variants, --variant-steps, --checkpoint, --quick, --verbose...
 
 Meant for KERAS_BACKEND=jax on a GPU (it runs anywhere, slowly):
 
@@ -110,23 +112,14 @@ def throughput(args):
     }
 
 
-def figure3(args):
-    """The Figure 3 protocol of examples/train_inception.py at a larger scale."""
+def figure3(args, train_inception_args):
+    """The Figure 3 protocol of examples/train_inception.py at a larger scale; the options this
+    script does not know (--seeds, --variants, --checkpoint, --quick...) go to train_inception."""
     from examples import train_inception
 
     argv = ["--output-dir", args.output_dir, "--alpha", str(args.alpha),
             "--image-size", str(args.image_size), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--verbose", str(args.verbose)]
-    if args.checkpoint:
-        argv += ["--checkpoint", args.checkpoint]
-    if args.variant_steps:
-        argv += ["--variant-steps", str(args.variant_steps)]
-    if args.seeds:
-        argv += ["--seeds", *map(str, args.seeds)]
-    if args.variants:
-        argv += ["--variants", *args.variants]
-    if args.quick:
-        argv += ["--quick"]
+            "--batch-size", str(args.batch_size), *train_inception_args]
     start = time.perf_counter()
     result = train_inception.main(argv)
     summary = reporting.without_histories(result)
@@ -158,24 +151,16 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="throughput: timed epochs")
     parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16"])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
-    parser.add_argument("--variant-steps", type=int, default=None, help="figure3: BN variants' steps")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--variants", nargs="+", default=None,
-                        help="figure3: variants to train (default: all five of Figure 3)")
-    parser.add_argument("--quick", action="store_true", help="figure3: a few steps, no grid")
-    parser.add_argument("--checkpoint", default=None,
-                        help="figure3: JSON file of finished runs, to resume an interrupted protocol "
-                             "(a lent machine's time limit, say)")
-    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1),
-                        help="figure3: progress bars and a line per finished run")
-    args = parser.parse_args(argv)
+    args, train_inception_args = parser.parse_known_args(argv)
+    if args.part == "throughput" and train_inception_args:
+        parser.error(f"unrecognized arguments: {' '.join(train_inception_args)}")
     defaults = {"throughput": (1.0, 224, 128, 20), "figure3": (0.25, 32, 32, 1500)}[args.part]
     args.alpha = args.alpha or defaults[0]
     args.image_size = args.image_size or defaults[1]
     args.batch_size = args.batch_size or defaults[2]
     args.steps = args.steps or defaults[3]
     os.makedirs(args.output_dir, exist_ok=True)
-    result = (throughput if args.part == "throughput" else figure3)(args)
+    result = throughput(args) if args.part == "throughput" else figure3(args, train_inception_args)
     path = reporting.merge_json(os.path.join(args.output_dir, "gpu.json"), args.part,
                                 {**device_description(), **result})
     print(f"wrote {path}")
