@@ -1,7 +1,9 @@
 """Deployment of keras-bn models: freeze population statistics and write verified ONNX graphs.
 
 TensorFlow backend only (the conversion goes through tf2onnx); a `.keras` file saved under any
-backend is loaded here under TensorFlow.
+backend is loaded here under TensorFlow. Its packages are an install extra,
+`pip install "keras-bn[export]"`; without them `import export` raises an `ImportError` that names
+the extra and the missing packages.
 
 The public names load on first use (PEP 562) so that `import export.__main__`, which the
 `keras-bn-export` console script does, imports no Keras before the command line has chosen the
@@ -10,6 +12,34 @@ TensorFlow backend. Using any of them, or importing `export.freezing`, registers
 """
 
 import importlib
+import importlib.util
+
+# What `pip install "keras-bn[export]"` adds to keras-bn's own requirements (setup.cfg).
+_EXTRA_PACKAGES = ("tensorflow", "tf2onnx", "onnx", "onnxruntime")
+
+
+def _missing_packages():
+    """The extra's packages that cannot be found, looked up without importing them: TensorFlow
+    takes seconds to import, and the command line chooses the Keras backend before it does."""
+    missing = []
+    for name in _EXTRA_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            # An import hook that refuses the package, or a sys.modules entry without a spec.
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+_missing = _missing_packages()
+if _missing:
+    raise ImportError(
+        'keras-bn\'s export needs its extra: pip install "keras-bn[export]" '
+        f"(missing: {', '.join(_missing)})"
+    )
+del _missing
 
 _PUBLIC = {
     "ExportResult": "export.onnx_export",

@@ -1,15 +1,19 @@
 """keras-bn-export: a .keras model in, a verified ONNX graph out.
 
     keras-bn-export MODEL.keras -o MODEL.onnx [--opset 17] [--channels-first] [--float16-weights]
+    keras-bn-export --version
 
 Prints a short summary on success. A user's mistake (missing or foreign file, unsupported model,
 unwritable output, outputs that onnxruntime does not reproduce) gives one line on stderr, no
-traceback, no output file, and exit status 2 (1 for a failed verification).
+traceback, no output file, and exit status 2 (1 for a failed verification). Options and paths are
+checked before TensorFlow is imported, so such mistakes are reported at once.
 """
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
+import math
 import os
 import sys
 import warnings
@@ -17,6 +21,9 @@ import warnings
 PROG = "keras-bn-export"
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
+# The opsets tf2onnx 1.17 writes, as in export.onnx_export, which cannot be imported before the
+# backend is chosen (it imports Keras); tests/export/test_export_cli.py keeps the two equal.
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 13, 18, 17
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,18 +31,67 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 
+class _Version(argparse.Action):
+    """`--version`: looked up only when asked, from the installed package's metadata."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{PROG} {version()}")
+        parser.exit(0)
+
+
+def version():
+    """keras-bn's version, read from the installed package's metadata without importing Keras."""
+    try:
+        return importlib.metadata.version("keras-bn")
+    except importlib.metadata.PackageNotFoundError:  # a source tree run as `python -m export`
+        import keras_bn
+
+        return keras_bn.__version__
+
+
 def _names(text):
     names = [name.strip() for name in text.split(",")]
     if not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected unique names, got {text!r}")
     return names
 
 
 def _sizes(text):
     try:
-        return tuple(int(size) for size in text.split(","))
+        sizes = tuple(int(size) for size in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    # Two different sizes are what shows that the exported batch dimension is dynamic.
+    if len(set(sizes)) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected at least two different positive batch sizes, got {text!r}")
+    return sizes
+
+
+def _opset(text):
+    try:
+        opset = int(text)
+    except ValueError:
+        opset = None
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from {MIN_OPSET} to {MAX_OPSET}, got {text!r}")
+    return opset
+
+
+def _tolerance(text):
+    try:
+        tolerance = float(text)
+    except ValueError:
+        tolerance = math.nan
+    if not (tolerance > 0 and math.isfinite(tolerance)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return tolerance
 
 
 def build_parser():
@@ -48,7 +104,9 @@ def build_parser():
     parser.add_argument("model", help="the .keras file (saved under any Keras backend)")
     parser.add_argument("-o", "--output", help="the .onnx file to write "
                         "(default: MODEL with .onnx in place of .keras)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 18 (default 17)")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("--opset", type=_opset, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     parser.add_argument("--input-names", type=_names, metavar="A,B",
                         help="graph input names, one per model input (default: the Keras names)")
     parser.add_argument("--output-names", type=_names, metavar="A,B",
@@ -63,7 +121,7 @@ def build_parser():
                         help="skip the onnxruntime check against Keras (not recommended)")
     parser.add_argument("--batch-sizes", type=_sizes, default=(1, 3), metavar="1,3",
                         help="batch sizes verified (default 1,3)")
-    parser.add_argument("--tolerance", type=float,
+    parser.add_argument("--tolerance", type=_tolerance,
                         help="largest accepted relative error (default 1e-4, 1e-2 with float16)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each step, and show a traceback on internal errors")
@@ -92,6 +150,30 @@ def _native_stderr_silenced(enabled):
         os.close(saved)
 
 
+def _check_paths(model, output):
+    """What makes `model` unreadable or `output` unwritable, or None: the checks of
+    `export.to_onnx` and `export.load_model`, made before TensorFlow is imported."""
+    if not os.path.exists(model):
+        return f"no such model file: {model}"
+    if os.path.isdir(model) or not model.endswith(".keras"):
+        return (f"expected a Keras 3 model file ending in .keras. Received: {model} (SavedModel "
+                "folders and legacy .h5 files are not supported: load them and call "
+                "model.save('model.keras') first)")
+    if not os.access(model, os.R_OK):
+        return f"cannot read {model}: permission denied"
+    target = os.path.abspath(output)
+    folder = os.path.dirname(target)
+    if os.path.realpath(target) == os.path.realpath(model):
+        return f"the output path is the model file itself: {target}"
+    if os.path.isdir(target):
+        return f"cannot write {target}: it is a directory"
+    if not os.path.isdir(folder):
+        return f"cannot write {target}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {target}: no permission to write in {folder}"
+    return None
+
+
 def _fail(message, status=EXIT_USAGE):
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return status
@@ -100,6 +182,13 @@ def _fail(message, status=EXIT_USAGE):
 def main(argv=None):
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    output = args.output
+    if output is None:
+        output = args.model.removesuffix(".keras") + ".onnx"
+    problem = _check_paths(args.model, output)
+    if problem:
+        return _fail(problem)
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     already = sys.modules.get("keras")
     if already is None:
@@ -114,11 +203,6 @@ def main(argv=None):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     if not args.verbose:
         warnings.simplefilter("ignore")
-
-    output = args.output
-    if output is None:
-        stem = args.model[:-len(".keras")] if args.model.endswith(".keras") else args.model
-        output = stem + ".onnx"
 
     with _native_stderr_silenced(not args.verbose):
         from export.onnx_export import VerificationError, to_onnx

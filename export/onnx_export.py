@@ -210,7 +210,24 @@ def load_model(path):
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:  # a corrupt or foreign file fails in many ways inside Keras
-        raise ValueError(f"could not load {path} as a Keras model: {_one_line(error)}") from error
+        # Keras's headline for an unregistered custom class ("<class Functional> could not be
+        # deserialized properly") names the model, not the class; the cause is further down.
+        text = " ".join(str(error).split())
+        unknown = re.search(r"Could not locate class '([^']+)'", text)
+        if unknown is None and "could not be deserialized" not in text:
+            raise ValueError(
+                f"could not load {path} as a Keras model: {_one_line(error)}") from error
+        if unknown:
+            cause = f"it uses the class '{unknown.group(1)}', which Keras does not know"
+        else:
+            inner = text.split("Exception encountered:")[-1]
+            cause = f"Keras could not rebuild a layer from its config: {_one_line(inner)}"
+        raise ValueError(
+            f"could not load {path}: {cause}. Custom layers must be importable and registered "
+            "(@keras.saving.register_keras_serializable) before loading: `import keras_bn` "
+            "registers keras-bn's, and a model's other custom layers need their own modules "
+            "imported first"
+        ) from error
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a keras.Model")
     return model

@@ -1,16 +1,24 @@
 """The keras-bn-export command line: a summary on success, one line and no file on failure."""
 
+import importlib.metadata
+import json
 import os
+import pathlib
 import subprocess
 import sys
+import textwrap
+import time
 
 import keras
 import pytest
 
+import keras_bn
+from export import __main__ as cli
 from export import onnx_export
 from export.__main__ import main
 
 BIN = os.path.dirname(sys.executable)
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_success_prints_summary(saved_model, tmp_path, capsys):
@@ -39,6 +47,7 @@ def _assert_one_line_failure(capsys, status, expected_status, fragment):
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("keras-bn-export: error: ") and fragment in lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
+    return lines[0]
 
 
 def test_missing_and_foreign_files(tmp_path, capsys):
@@ -88,10 +97,134 @@ def test_console_script_in_a_fresh_process(tmp_path):
     error would be about the backend) and fails in exactly one line, TensorFlow's native start-up
     logging included."""
     env = {**os.environ, "KERAS_BACKEND": "jax"}
+    start = time.perf_counter()
     failed = subprocess.run([os.path.join(BIN, "keras-bn-export"), str(tmp_path / "absent.keras"),
                              "-o", str(tmp_path / "out.onnx")],
                             env=env, capture_output=True, text=True)
+    assert time.perf_counter() - start < 3  # checked before TensorFlow is imported
     assert failed.returncode == 2
     assert failed.stderr.splitlines() == [
         f"keras-bn-export: error: no such model file: {tmp_path / 'absent.keras'}"]
     assert failed.stdout == "" and not (tmp_path / "out.onnx").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"keras-bn-export {keras_bn.__version__}\n"
+
+
+def test_version_of_a_source_tree_that_was_never_installed(monkeypatch, capsys):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == f"keras-bn-export {keras_bn.__version__}\n"
+
+
+def test_opsets_match_the_exporter():
+    assert (cli.MIN_OPSET, cli.MAX_OPSET, cli.DEFAULT_OPSET) == (
+        onnx_export.MIN_OPSET, onnx_export.MAX_OPSET, onnx_export.DEFAULT_OPSET)
+
+
+# Every mistake the command line can see in its arguments and paths: (arguments, fragment of the
+# one-line message). "MODEL" is a file named like a model; it is never loaded.
+MISTAKES = [
+    (["absent.keras"], "no such model file: absent.keras"),
+    (["model.h5"], "expected a Keras 3 model file ending in .keras. Received: model.h5"),
+    (["folder.keras"], "expected a Keras 3 model file ending in .keras"),
+    (["MODEL", "-o", "no/such/out.onnx"], "the folder"),
+    (["MODEL", "-o", "model.keras"], "the output path is the model file itself"),
+    (["MODEL", "-o", "folder.keras"], "it is a directory"),
+    (["MODEL", "--opset", "12"], "argument --opset: expected an integer from 13 to 18, got '12'"),
+    (["MODEL", "--opset", "seventeen"], "argument --opset"),
+    (["MODEL", "--batch-sizes", "3,3"], "argument --batch-sizes: expected at least two different"),
+    (["MODEL", "--batch-sizes", "0,1"], "argument --batch-sizes"),
+    (["MODEL", "--tolerance", "0"], "argument --tolerance: expected a positive number"),
+    (["MODEL", "--tolerance", "nan"], "argument --tolerance"),
+    (["MODEL", "--input-names", "a,a"], "argument --input-names: expected unique names"),
+    (["MODEL", "--output-names", "a,"], "argument --output-names"),
+]
+
+CHECK_MISTAKES = """
+import contextlib
+import io
+import json
+import sys
+
+from export.__main__ import main
+
+results = []
+for arguments in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = main(arguments)
+        except SystemExit as exit:
+            status = exit.code
+    results.append([status, err.getvalue()])
+loaded = sorted({name.split(".")[0] for name in sys.modules} & {"keras", "tensorflow", "tf2onnx"})
+print(json.dumps({"results": results, "loaded": loaded}))
+"""
+
+
+def test_mistakes_are_reported_before_tensorflow_is_imported(tmp_path):
+    """Each mistake is one line and exit status 2, in a process that never imports Keras."""
+    (tmp_path / "model.keras").write_text("never loaded")
+    (tmp_path / "model.h5").write_text("")
+    (tmp_path / "folder.keras").mkdir()
+    arguments = [[("model.keras" if a == "MODEL" else a) for a in args] for args, _ in MISTAKES]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(CHECK_MISTAKES),
+                           json.dumps(arguments)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert time.perf_counter() - start < 3
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["loaded"] == []
+    for (args, fragment), (status, err) in zip(MISTAKES, report["results"]):
+        lines = err.splitlines()
+        assert status == 2, (args, err)
+        assert len(lines) == 1 and lines[0].startswith("keras-bn-export: error: "), (args, err)
+        assert fragment in lines[0], (args, err)
+
+
+def test_unregistered_custom_layer(tmp_path, capsys):
+    """Keras's headline ("Functional could not be deserialized") hides the cause; the command line
+    names the class and says custom layers must be importable and registered."""
+
+    class Twice(keras.layers.Layer):  # not registered: unknown to Keras when loading
+        def call(self, x):
+            return 2 * x
+
+    inputs = keras.Input((3,))
+    keras.Model(inputs, Twice()(keras.layers.Dense(2)(inputs))).save(tmp_path / "twice.keras")
+    status = main([str(tmp_path / "twice.keras"), "-o", str(tmp_path / "out.onnx")])
+    line = _assert_one_line_failure(capsys, status, 2,
+                                    "it uses the class 'Twice', which Keras does not know")
+    assert "Custom layers must be importable and registered" in line
+    assert "`import keras_bn` registers keras-bn's" in line
+    assert "could not be deserialized" not in line
+
+
+def test_custom_layer_that_cannot_be_rebuilt(tmp_path):
+    class Broken(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+        @classmethod
+        def from_config(cls, config):
+            raise TypeError("Broken needs a factor")
+
+    inputs = keras.Input((3,))
+    keras.Model(inputs, Broken()(inputs)).save(tmp_path / "broken.keras")
+    with keras.saving.custom_object_scope({"Broken": Broken}):
+        with pytest.raises(ValueError) as error:
+            onnx_export.load_model(tmp_path / "broken.keras")
+    message = str(error.value)
+    assert "Keras could not rebuild a layer from its config: Broken needs a factor" in message
+    assert "Custom layers must be importable and registered" in message
+    assert "\n" not in message

@@ -1,0 +1,183 @@
+"""The light install: keras-bn needs only Keras and NumPy; export is the `export` extra.
+
+Each check runs in a fresh Python process that refuses to import what a light install lacks, so
+what the test process itself has imported cannot hide a dependency.
+"""
+
+import configparser
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A meta-path finder placed first refuses the named top-level packages (and their submodules) as
+# an uninstalled package would; `ATTEMPTS` records who asked for them.
+BLOCKER = """
+import sys
+
+BLOCKED = {blocked!r}
+ATTEMPTS = []
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            ATTEMPTS.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+LIBRARY_WITHOUT_TENSORFLOW = """
+import json
+
+import keras
+import numpy as np
+
+import keras_bn
+
+rng = np.random.default_rng(0)
+x = rng.normal(1.0, 2.0, (32, 5)).astype("float32")
+y = rng.normal(size=(32, 2)).astype("float32")
+
+inputs = keras.Input((5,))
+hidden = keras.layers.Dense(4, name="dense")(inputs)
+normalized = keras_bn.BatchNormalization(name="bn")(hidden)
+model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(normalized))
+bn = model.get_layer("bn")
+
+# Algorithm 1: a training step moves gamma (a gradient) and the moving mean (the batch statistics).
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+loss = float(model.train_on_batch(x, y))
+trained = bool(np.any(bn.gamma.numpy() != 1.0)) and bool(np.any(bn.moving_mean.numpy() != 0.0))
+
+# Algorithm 2: population statistics over 4 batches of 8, against NumPy (unbiased variance).
+keras_bn.estimate_population_statistics(model, x, batch_size=8, verbose=0)
+kernel, bias = (np.asarray(w, "float64") for w in model.get_layer("dense").get_weights())
+batches = (x.astype("float64") @ kernel + bias).reshape(4, 8, 4)
+mean_error = float(np.max(np.abs(bn.moving_mean.numpy() - batches.mean(axis=1).mean(axis=0))))
+variance_error = float(np.max(np.abs(
+    bn.moving_variance.numpy() - batches.var(axis=1, ddof=1).mean(axis=0))))
+
+# Inference: the normalization uses the population statistics.
+gamma, beta, mean, variance = (np.asarray(w, "float64") for w in bn.get_weights())
+expected = (batches.reshape(32, 4) - mean) / np.sqrt(variance + bn.epsilon) * gamma + beta
+logits_kernel, logits_bias = model.get_layer("logits").get_weights()
+expected = expected @ logits_kernel + logits_bias
+predicted = model.predict(x, verbose=0)
+inference_error = float(np.max(np.abs(predicted - expected)))
+
+folded = keras_bn.fold_batchnorm(model)
+fold_error = float(np.max(np.abs(folded.predict(x, verbose=0) - predicted)))
+
+print(json.dumps({
+    "backend": keras.backend.backend(),
+    "loss": loss,
+    "trained": trained,
+    "mean_error": mean_error,
+    "variance_error": variance_error,
+    "inference_error": inference_error,
+    "folded": [list(pair) for pair in folded.fold_report.folded],
+    "fold_verified": folded.fold_report.max_error is not None,
+    "fold_error": fold_error,
+    "scale": float(np.max(np.abs(expected))),
+    "tensorflow_imports_refused": ATTEMPTS,
+    "tensorflow_loaded": any(m.split(".")[0] == "tensorflow" and sys.modules[m] is not None
+                             for m in sys.modules),
+}))
+"""
+
+
+def _run(blocked, body, backend="jax"):
+    code = BLOCKER.replace("{blocked!r}", repr(set(blocked))) + textwrap.dedent(body)
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _extras():
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+
+    def names(text):
+        return {re.match(r"[A-Za-z0-9_.\-]+", line).group(0).lower()
+                for line in text.splitlines() if line.strip()}
+
+    extras = {name: names(value) for name, value in config["options.extras_require"].items()}
+    return names(config["options"]["install_requires"]), extras
+
+
+def test_install_requires_only_keras_and_numpy():
+    required, extras = _extras()
+    assert required == {"keras", "numpy"}
+    assert extras["export"] == {"tensorflow", "tf2onnx", "onnx", "onnxruntime"}
+    assert extras["export"] <= extras["dev"]
+    assert {"pytest", "ruff", "mkdocs", "jax"} <= extras["dev"]
+    assert "torch" in extras
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs JAX")
+def test_library_runs_on_jax_without_tensorflow():
+    """The layer (a training step and inference), population statistics and folding."""
+    done = _run({"tensorflow"}, LIBRARY_WITHOUT_TENSORFLOW)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "jax" and not result["tensorflow_loaded"]
+    assert result["trained"] and result["loss"] > 0
+    assert result["mean_error"] < 1e-4 and result["variance_error"] < 1e-4
+    assert result["inference_error"] < 1e-4 * max(1.0, result["scale"])
+    assert result["folded"] == [["bn", "dense"]] and result["fold_verified"]
+    assert result["fold_error"] < 1e-4 * max(1.0, result["scale"])
+
+
+@pytest.mark.parametrize("package", sorted(_extras()[1]["export"]))
+def test_import_export_without_its_extra_names_the_extra(package):
+    done = _run({package}, """
+        import json
+
+        try:
+            import export
+        except ImportError as error:
+            print(json.dumps({"error": str(error), "keras": "keras" in sys.modules}))
+    """)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    prefix = 'keras-bn\'s export needs its extra: pip install "keras-bn[export]" (missing: '
+    assert result["error"].startswith(prefix) and result["error"].endswith(")")
+    assert "\n" not in result["error"]
+    assert package in result["error"][len(prefix):-1].split(", ")
+    assert not result["keras"]  # found out without importing anything heavy
+
+
+def test_import_export_with_its_extra_imports_no_keras():
+    """The command line chooses the Keras backend after `import export.__main__`."""
+    if any(importlib.util.find_spec(name) is None for name in _extras()[1]["export"]):
+        pytest.skip("the export extra is not installed")
+    done = _run(set(), """
+        import export.__main__
+        print(sorted({m.split(".")[0] for m in sys.modules} & {"keras", "tensorflow", "onnx"}))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_package_version_matches_the_installed_metadata():
+    try:
+        installed = importlib.metadata.version("keras-bn")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("keras-bn is not installed (pip install -e .)")
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    source = re.search(r'__version__ = "([^"]+)"', (ROOT / "keras_bn" / "__init__.py").read_text())
+    assert installed == config["metadata"]["version"] == source.group(1)
