@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 import keras_bn
+from keras_bn import _keras_internals, verification
 from keras_bn.folding import inference_affine
 
 logger = logging.getLogger(__name__)
@@ -138,14 +139,15 @@ class FreezeReport:
     fold_max_error: float = None
 
 
-def freeze(model, fold=True, verify=True):
+def freeze(model, fold=True, verify=True, tolerance=None):
     """Return an inference-only copy of `model`, its BN folded or frozen into constants.
 
     Steps: `keras_bn.fold_batchnorm(model, verify=verify)` folds every BN that directly follows a
     foldable layer; every remaining BN (ours or Keras's) becomes a `FrozenAffine` with the constants
     of Algorithm 2, line 11; dropout and noise layers become `Identity`; `training=` arguments
     recorded in the graph are dropped. The input model is not modified; the result shares no
-    weights with it and carries a `freeze_report` (`FreezeReport`).
+    weights with it, is not compiled (no optimizer state) and carries a `freeze_report`
+    (`FreezeReport`).
 
     Args:
         model: a built Functional or Sequential `keras.Model` (nested Functional/Sequential models
@@ -155,20 +157,28 @@ def freeze(model, fold=True, verify=True):
             convolution).
         verify: passed to `fold_batchnorm`, which then checks the folded model against the
             original on random inputs.
+        tolerance: passed to `fold_batchnorm`; None picks the tolerance of the least precise
+            compute dtype among the model's layers.
 
     Returns:
         A new `keras.Model` with a `freeze_report` attribute.
 
     Raises:
-        TypeError: `model` is not a `keras.Model`.
-        ValueError: the model is subclassed, not built, or hides a BN inside a custom layer
-            where it cannot be replaced.
+        TypeError: `model` is not a `keras.Model`, or is a subclassed model
+            (`keras_bn.verification.check_graph_model`).
+        ValueError: a Sequential `model` has no known input shape; a BN layer holds a
+            non-finite gamma, beta, moving mean or moving variance, or a negative moving variance
+            (the message names it; nothing is built); or a BN hides inside a custom layer where
+            it cannot be replaced.
+        keras_bn.VerificationError: with `verify`, folding changed the model's outputs (a
+            `ValueError`).
     """
-    _check_model(model, "freeze")
+    verification.check_graph_model(model, "freeze()")
+    verification.check_batchnorm_statistics(model, "freeze()")
     report = FreezeReport()
     source = model
     if fold and _batch_normalizations(model):
-        source = keras_bn.fold_batchnorm(model, verify=verify)
+        source = keras_bn.fold_batchnorm(model, verify=verify, tolerance=tolerance)
         fold_report = source.fold_report
         report.folded = [tuple(pair) for pair in fold_report.folded]
         report.fold_max_error = fold_report.max_error
@@ -218,6 +228,7 @@ def freeze(model, fold=True, verify=True):
             source, clone_function=clone_layer, call_function=call_without_training,
             recursive=True,
         )
+    frozen_model = _without_optimizer(frozen_model)
     for layer, weights in originals.values():
         layer.set_weights(weights)
 
@@ -236,37 +247,26 @@ def freeze(model, fold=True, verify=True):
     return frozen_model
 
 
-def _check_model(model, caller):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{caller} expects a keras.Model (Functional or Sequential). "
-            f"Received: {type(model).__name__}"
-        )
-    if not isinstance(model, keras.Sequential) and not _is_functional(model):
-        raise ValueError(
-            f"{caller} needs a Functional or Sequential model, whose graph it can rewrite. "
-            f"Received a subclassed model of type {type(model).__name__}. Rebuild it with "
-            "keras.Input and the functional API (or keras.Sequential)."
-        )
-    if not model.built or not model.inputs:
-        raise ValueError(
-            f"{caller} needs a model with known inputs. Received the unbuilt model "
-            f"'{model.name}'; give it a keras.Input (or call model.build(input_shape))."
-        )
+def _without_optimizer(clone):
+    """`clone` uncompiled, over the same layers.
 
-
-def _is_functional(model):
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, Functional)
+    `clone_model` compiles its copy, with a fresh optimizer, whenever the source was compiled (as
+    it is with `fold=False`); a frozen model is for inference only.
+    """
+    if not clone.compiled:
+        return clone
+    if isinstance(clone, keras.Sequential):
+        inputs = keras.Input(batch_shape=clone.inputs[0].shape, dtype=clone.inputs[0].dtype)
+        return keras.Sequential([inputs, *clone.layers], name=clone.name,
+                                trainable=clone.trainable)
+    return keras.Model(clone.input, clone.output, name=clone.name, trainable=clone.trainable)
 
 
 def _batch_normalizations(model):
     return [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        layer for layer in _keras_internals.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
-
 
 
 def _qualified_names(model, prefix=""):
@@ -274,6 +274,6 @@ def _qualified_names(model, prefix=""):
     names = {}
     for layer in model.layers:
         names[id(layer)] = prefix + layer.name
-        if isinstance(layer, keras.Sequential) or _is_functional(layer):
+        if isinstance(layer, keras.Sequential) or _keras_internals.is_functional(layer):
             names.update(_qualified_names(layer, f"{prefix}{layer.name}/"))
     return names

@@ -15,20 +15,16 @@ import time
 import keras
 import numpy as np
 
-from export.freezing import _check_model, freeze
+from export.freezing import freeze
 from export.graph_passes import optimize
+from keras_bn import _keras_internals, verification
+from keras_bn.verification import VerificationError
 
 logger = logging.getLogger(__name__)
 
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 writes opsets up to 18
 DEFAULT_OPSET = 17
-FLOAT32_TOLERANCE = 1e-4
-FLOAT16_TOLERANCE = 1e-2
 PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX file cannot exceed protobuf's 2 GiB
-
-
-class VerificationError(RuntimeError):
-    """onnxruntime's outputs differ from Keras's by more than the tolerance; nothing was written."""
 
 
 @dataclasses.dataclass
@@ -39,8 +35,8 @@ class ExportResult:
         path: the ONNX file written.
         opset: the ONNX opset of the graph.
         node_counts: `{op_type: count}` over the graph's nodes, most frequent first.
-        max_error: largest `max|onnxruntime - keras| / max|keras|` over outputs and batch sizes,
-            or `None` when `verify=False`.
+        max_error: largest `max|onnxruntime - keras| / max(1, max|keras|)` over outputs and batch
+            sizes (`keras_bn.verification.output_error`), or `None` when `verify=False`.
         batch_sizes: the batch sizes verified.
         input_names, output_names: the graph's input and output names, in the model's order.
         channels_first: whether rank-4 inputs are NCHW.
@@ -94,7 +90,9 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
 
     The graph takes a dynamic batch dimension. With `verify=True` the file is written only after
     onnxruntime has reproduced Keras's `model(x, training=False)` on random inputs at every batch
-    size in `batch_sizes`, within `tolerance` relative to the largest output magnitude. The write
+    size in `batch_sizes`: `max|onnxruntime - keras| <= tolerance * max(1, max|keras|)` for every
+    output, and finite wherever Keras's output is (`keras_bn.verification`, the check folding
+    uses too). The write
     is atomic: a temporary file in the same folder, renamed onto `path` once complete, so `path`
     never holds a partial file and an existing file is left alone when anything fails.
 
@@ -116,8 +114,10 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         verify: check with onnxruntime against Keras (recommended; `False` skips it).
         batch_sizes: the batch sizes verified; at least two different sizes prove the batch
             dimension is dynamic.
-        tolerance: largest accepted relative error; defaults to 1e-4, or 1e-2 with float16
-            weights or a model that computes in float16/bfloat16 (mixed precision).
+        tolerance: largest accepted relative error, of the fold and of the ONNX graph; defaults
+            to the tolerance of the least precise compute dtype among the model's layers
+            (`keras_bn.verification.default_tolerance`: 1e-3 for float32, 1e-2 for float16,
+            5e-2 for bfloat16), float16 at least with `float16_weights`.
         seed: seed of the random verification inputs.
 
     Returns:
@@ -125,12 +125,14 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
 
     Raises:
         FileNotFoundError: `model` is a path that does not exist.
-        ValueError: an argument is out of range, the file is not a Keras model, or the model
-            cannot be exported (subclassed, unknown input shapes, operations tf2onnx cannot
-            convert).
-        TypeError: `model` is neither a `keras.Model` nor a path.
+        ValueError: an argument is out of range, the file is not a Keras model, the model
+            cannot be exported (unknown input shapes, operations tf2onnx cannot convert), or a
+            BN layer holds non-finite numbers or a negative variance (named in the message).
+        TypeError: `model` is neither a `keras.Model` nor a path, or is a subclassed model
+            (`keras_bn.verification.check_graph_model`).
         OSError: `path` cannot be written.
-        VerificationError: onnxruntime disagrees with Keras; no file is written.
+        VerificationError: folding or onnxruntime disagrees with Keras; no file is written
+            (`keras_bn.VerificationError`, a `ValueError`).
         RuntimeError: the Keras backend is not TensorFlow.
     """
     start = time.perf_counter()
@@ -146,12 +148,9 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
             raise ValueError(f"the output path is the model file itself: {path}")
         logger.info("to_onnx: loading %s", os.fspath(model))
         model = load_model(model)
-    _check_model(model, "to_onnx")
+    verification.check_graph_model(model, "to_onnx()")
     if tolerance is None:
-        half = float16_weights or any(
-            layer.compute_dtype in ("float16", "bfloat16")
-            for layer in model._flatten_layers(include_self=False, recursive=True))
-        tolerance = FLOAT16_TOLERANCE if half else FLOAT32_TOLERANCE
+        tolerance = verification.default_tolerance(model, half_precision=float16_weights)
     inputs = _input_specs(model, input_names)
     output_names = _output_names(model, output_names)
     clashes = sorted({spec.name for spec in inputs} & set(output_names))
@@ -166,7 +165,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     _check_size(model)
 
     logger.info("to_onnx: freezing '%s'", model.name)
-    frozen = freeze(model, fold=fold, verify=verify)
+    frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
     logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
     proto = _convert(frozen, inputs, output_names, opset, nchw)
     graph_passes = optimize(proto)
@@ -317,7 +316,7 @@ def _input_specs(model, names):
 def _output_names(model, names):
     if names is None:
         keras_names = getattr(model, "output_names", None) or [  # Sequential has none
-            tensor._keras_history.operation.name for tensor in model.outputs]
+            _keras_internals.producer(tensor).name for tensor in model.outputs]
         names = [_onnx_name(name, f"output_{i}") for i, name in enumerate(keras_names)]
         seen = collections.Counter()
         for i, name in enumerate(names):  # Keras may repeat a name; ONNX may not
@@ -475,17 +474,6 @@ def _check_graph(proto):
         ) from error
 
 
-def _random_inputs(inputs, batch_size, rng):
-    arrays = []
-    for spec in inputs:
-        shape = (batch_size,) + tuple(spec.shape[1:])
-        if spec.dtype.startswith("float"):
-            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
-        else:  # integer ids or flags: 0 and 1 are valid for any embedding or lookup
-            arrays.append(rng.integers(0, 2, size=shape).astype(spec.dtype))
-    return arrays
-
-
 def _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed):
     """Largest relative error of onnxruntime against Keras; VerificationError past tolerance."""
     import onnxruntime
@@ -493,34 +481,35 @@ def _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, see
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    structure = model.input if len(model.inputs) > 1 else None
     rng = np.random.default_rng(seed)
     worst = 0.0
     for batch_size in batch_sizes:
-        arrays = _random_inputs(inputs, batch_size, rng)
-        model_inputs = (keras.tree.pack_sequence_as(structure, arrays)
-                        if structure is not None else arrays[0])
-        expected = [keras.ops.convert_to_numpy(t)
-                    for t in keras.tree.flatten(model(model_inputs, training=False))]
+        arrays = verification.random_inputs(model, batch_size, rng)
+        expected = keras.tree.flatten(
+            model(verification.as_model_input(model, arrays), training=False))
         feed = {spec.name: (np.transpose(x, (0, 3, 1, 2)) if spec.name in nchw else x)
                 for spec, x in zip(inputs, arrays)}
         actual = session.run(output_names, feed)
         for name, want, got in zip(output_names, expected, actual):
+            want = keras.ops.convert_to_numpy(want)
             if want.shape != got.shape:
                 raise VerificationError(
                     f"onnxruntime output '{name}' has shape {got.shape}, Keras {want.shape} "
                     f"(batch size {batch_size}); no file was written"
                 )
-            want = want.astype(np.float64)
-            scale = max(float(np.max(np.abs(want), initial=0.0)), np.finfo(np.float32).tiny)
-            error = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) / scale
-            if not error <= tolerance:  # also catches NaN
+            error, scale = verification.output_error(want, got)
+            if not error < np.inf:
                 raise VerificationError(
-                    f"onnxruntime output '{name}' differs from Keras by {error:.3g} relative to "
-                    f"its largest value (batch size {batch_size}), above the tolerance "
-                    f"{tolerance:g}; no file was written"
+                    f"onnxruntime output '{name}' holds NaN or inf where Keras's output is finite "
+                    f"(batch size {batch_size}); no file was written"
                 )
-            worst = max(worst, error)
+            if not verification.within_tolerance(error, scale, tolerance):
+                raise VerificationError(
+                    f"onnxruntime output '{name}' differs from Keras by {error / scale:.3g} "
+                    f"relative to max(1, its largest value) (batch size {batch_size}), above the "
+                    f"tolerance {tolerance:g}; no file was written"
+                )
+            worst = max(worst, error / scale)
     return worst
 
 

@@ -3,10 +3,12 @@
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.folding import FoldReport, fold_batchnorm
 from keras_bn.population import estimate_population_statistics
+from keras_bn.verification import VerificationError
 
 __all__ = [
     "BatchNormalization",
     "FoldReport",
+    "VerificationError",
     "estimate_population_statistics",
     "fold_batchnorm",
 ]

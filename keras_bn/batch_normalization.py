@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_bn import _keras_internals
+
 
 @keras.saving.register_keras_serializable(package="keras_bn")
 class BatchNormalization(keras.layers.BatchNormalization):
@@ -284,8 +286,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
         beta = ops.cast(self.beta, x.dtype) if self.center else None
         if self.renorm:
-            r, d, _, _ = self._renorm_correction_and_moments(mean_vector, variance_vector)
-            gamma, beta = self._compose_transforms(r, d, gamma, beta, x.dtype)
+            r, d = _keras_internals.renorm_correction(self, mean_vector, variance_vector)
+            gamma, beta = _keras_internals.compose_renorm(self, r, d, gamma, beta, x.dtype)
             self._update_renorm_statistics(mean_vector, variance_vector)
         # y = gamma * (x - mu_B) / sqrt(sigma2_B + eps) + beta, as two passes over x: the per-channel
         # scale and offset are tiny, and gradients still flow through mu_B and sigma2_B.

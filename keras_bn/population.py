@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_bn import _keras_internals
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,7 +23,9 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
     layer's own moving average does). Batches are weighted by their number of examples, which is the
     paper's plain average when they all have the same size. No trainable weight changes, and every
     other non-trainable variable (dropout seeds, renorm's training statistics) is restored. If
-    anything fails midway, the model is left exactly as it was.
+    anything fails midway, the model is left exactly as it was; so it is when a batch gives some
+    BN layer non-finite statistics (a NaN or inf in the data, or an activation that overflows):
+    nothing is written and a `ValueError` names the layer and the batch.
 
     BN layers with `trainable=False` are frozen on purpose (fine-tuning) and are left as they are.
     Other training-mode behaviour (dropout) is active during the pass, as in training.
@@ -40,11 +44,14 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         verbose: `"auto"` or 1 shows a `keras.utils.Progbar`; 0 is silent.
 
     Returns:
-        The number of batches used.
+        The number of batches used, an int: every batch of `data`, or `steps` of them when
+        `data` has more. The statistics average over them, each batch weighted by its size.
 
     Raises:
         ValueError: if the model has no trainable BN layer, is not built, `data` yields no batch,
-            or an argument is out of range.
+            an argument is out of range, or a batch gives a BN layer non-finite statistics (the
+            message names the first such layer in graph order and the batch; the model is left
+            as it was).
 
     Reference:
         [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167), Algorithm 2.
@@ -63,7 +70,7 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
     layers = [
         layer
-        for layer in model._flatten_layers(include_self=False)  # nested models included
+        for layer in _keras_internals.flatten_layers(model)  # nested models included, in order
         if isinstance(layer, keras.layers.BatchNormalization) and layer.built
     ]
     frozen = [layer.name for layer in layers if not layer.trainable]
@@ -91,12 +98,19 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
             if steps is not None and used >= steps:
                 break
             size = _batch_length(x)
-            sums = sums + size * forward(x).astype("float64")
+            statistics = forward(x).astype("float64")
+            _check_finite(model, layers, statistics, f"batch {used} (counting from 0)", x)
+            sums = sums + size * statistics
             examples += size
             used += 1
             progbar.update(used)
         if not used:
             raise ValueError("`data` yielded no batch: population statistics need training data.")
+        averages = _per_statistic(sums / examples, layers)
+        # A float32 (or float16) variable would store an average beyond its range as inf.
+        with np.errstate(over="ignore"):
+            stored = [a.astype(v.dtype).ravel() for a, v in zip(averages, _statistics(layers))]
+        _check_finite(model, layers, np.concatenate(stored), f"the average over {used} batches")
     except BaseException:
         _restore(model, saved_values)
         raise
@@ -105,11 +119,7 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
             layer.momentum = momentum
 
     _restore(model, saved_values)
-    sizes = [int(np.prod(v.shape)) for v in _statistics(layers)]
-    averages = np.split(sums / examples, np.cumsum(sizes)[:-1])
     for layer, mean, variance in zip(layers, averages[0::2], averages[1::2]):
-        mean = mean.reshape(layer.moving_mean.shape)
-        variance = variance.reshape(layer.moving_variance.shape)
         layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(variance.astype(layer.moving_variance.dtype))
         if getattr(layer, "renorm", False):
@@ -124,6 +134,41 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         f"; left {len(frozen)} frozen layers as they were" if frozen else "",
     )
     return used
+
+
+def _check_finite(model, layers, statistics, where, x=None):
+    """Raises ValueError naming the first of `layers` whose statistics in the flat vector
+    `statistics` (each layer's mean, then its variance, as `_statistics` orders them) are not
+    finite, and `where` they came from."""
+    if np.isfinite(statistics).all():
+        return
+    start = 0
+    for layer in layers:
+        for variable in (layer.moving_mean, layer.moving_variance):
+            size = int(np.prod(variable.shape))
+            bad = int(np.count_nonzero(~np.isfinite(statistics[start : start + size])))
+            if bad:
+                name = "mean" if variable is layer.moving_mean else "variance"
+                raise ValueError(
+                    f"estimate_population_statistics() found non-finite statistics in "
+                    f"{where}: BatchNormalization layer {layer.name!r} of model "
+                    f"{model.name!r} gets a {name} with {bad} NaN or inf value(s)"
+                    f"{_input_note(x)}. No BN layer was changed. Remove or repair the "
+                    "non-finite examples (or find the layer whose activations overflow)."
+                )
+            start += size
+
+
+def _input_note(x):
+    """`"; the batch itself holds N non-finite input values"` when it does, else `""`."""
+    if x is None:
+        return ""
+    bad = 0
+    for array in keras.tree.flatten(x):
+        array = np.asarray(ops.convert_to_numpy(array))
+        if np.issubdtype(array.dtype, np.floating):
+            bad += int(np.count_nonzero(~np.isfinite(array)))
+    return f"; the batch itself holds {bad} non-finite input value(s)" if bad else ""
 
 
 def _training_forward(model, layers):
@@ -152,6 +197,14 @@ def _statistics(layers):
     return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
 
 
+def _per_statistic(vector, layers):
+    """The flat float64 `vector` of every statistic, split and shaped like `_statistics(layers)`."""
+    variables = _statistics(layers)
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    parts = np.split(vector, np.cumsum(sizes)[:-1])
+    return [part.reshape(v.shape) for part, v in zip(parts, variables)]
+
+
 def _flat(values):
     return ops.concatenate([ops.reshape(ops.cast(v, "float32"), (-1,)) for v in values])
 
@@ -164,9 +217,7 @@ def _compile_training_forward(model, layers):
 
         # XLA halves the pass on CPU, where Keras would compile the model too ("auto"); not
         # under a distribution strategy, whose cross-replica reductions stay in the plain graph.
-        from keras.src.trainers.trainer import model_supports_jit
-
-        jit = model_supports_jit(model) and not tf.distribute.has_strategy()
+        jit = _keras_internals.model_supports_jit(model) and not tf.distribute.has_strategy()
 
         @tf.function(reduce_retracing=True, jit_compile=jit)
         def tf_forward(x):

@@ -8,9 +8,6 @@ the two paths side by side).
 import keras
 import numpy as np
 import pytest
-from keras.src import testing
-
-import keras_bn
 from reference import (
     EPSILON,
     bn_inference,
@@ -20,6 +17,9 @@ from reference import (
     to_numpy,
     training_gradients,
 )
+
+import keras_bn
+from keras_bn._keras_internals import layer_test_case
 
 SHAPES_AND_AXES = [
     ((16, 5), -1),
@@ -47,7 +47,7 @@ def set_statistics(layer, stats):
     )
 
 
-class LayerTest(testing.TestCase):
+class LayerTest(layer_test_case()):
     def test_run_layer_test_dense_input(self):
         self.run_layer_test(
             keras_bn.BatchNormalization,

@@ -8,6 +8,7 @@ import pytest
 from keras import layers
 
 import keras_bn
+from keras_bn._keras_internals import flatten_layers
 from keras_bn.folding import arrays, inference_affine
 
 rng = np.random.default_rng(0)
@@ -30,7 +31,7 @@ def randomize(model, seed=0):
 
 
 def _all_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return flatten_layers(model)
 
 
 def _bn_names(model):

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from reference import to_numpy
 
 import keras_bn
-from reference import to_numpy
 
 
 def two_bn_model():

@@ -8,18 +8,20 @@ One pass per Functional or Sequential graph (nested models get their own pass, r
    which a folded BN passes its input through and the layers that absorb BN get a bias;
 3. weights: copy every layer's weights, and write the folded ones computed in float64 by
    `layouts`/`arrays`.
+
+Before any of it, `keras_bn.verification` checks the model and every BN's numbers; after it, it
+compares the two models' outputs. The graph itself is read through `keras_bn._keras_internals`.
 """
 
 import collections
 import logging
 
 import keras
-from keras.src.models.functional import Functional
 
+from keras_bn import _keras_internals, verification
 from keras_bn.folding import layouts
 from keras_bn.folding.layouts import describe
 from keras_bn.folding.report import FoldReport
-from keras_bn.folding.verification import verify_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +49,26 @@ def fold_batchnorm(model, verify=True, tolerance=None):
             if `max|folded - original| > tolerance * max(1, max|original|)`.
         tolerance: the relative tolerance of `verify`; None picks one for the least precise
             compute dtype among the model's layers (1e-3 for float32, 1e-2 for float16, 5e-2
-            for bfloat16), so mixed-precision layers count under a float32 model policy.
+            for bfloat16; `keras_bn.verification.default_tolerance`), so mixed-precision layers
+            count under a float32 model policy.
 
     Returns:
-        A new model with the same inputs, outputs and layer names (less the folded BN). Its
-        attribute `fold_report` is a `keras_bn.FoldReport`: what folded into what, what was
-        left and why, and the verification error. The original model is unchanged.
+        A new inference model with the same inputs, outputs and layer names (less the folded
+        BN), not compiled: it holds no optimizer or optimizer state, whatever the original was
+        compiled with (compile it to train it further). Its attribute `fold_report` is a
+        `keras_bn.FoldReport`: what folded into what, what was left and why, and the
+        verification error. The original model is unchanged.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`, or is a subclassed model
+            (`keras_bn.verification.check_graph_model`).
+        ValueError: a Sequential `model` has no known input shape; a BN layer holds a
+            non-finite gamma, beta, moving mean or moving variance, or a negative moving
+            variance (the message names it, and nothing is built); a layer's config does not
+            round-trip.
+        keras_bn.VerificationError: with `verify`, the folded model's outputs differ from the
+            original's beyond the tolerance, or are not finite where the original's are (a
+            `ValueError`).
 
     Example:
 
@@ -62,49 +78,28 @@ def fold_batchnorm(model, verify=True, tolerance=None):
     print(folded.fold_report)   # folded 53 of 53 BatchNormalization layers ...
     ```
     """
-    _check_graph_model(model, "model")
+    verification.check_graph_model(model, "fold_batchnorm()")
+    verification.check_batchnorm_statistics(model, "fold_batchnorm()")
     folded_model, report = _fold_graph(model, prefix="")
     if verify:
-        verify_outputs(model, folded_model, report, tolerance)
+        _verify(model, folded_model, report, tolerance)
     folded_model.fold_report = report
     logger.info(report.summary_line())
     logger.debug("%s", report)
     return folded_model
 
 
-def _check_graph_model(model, what):
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"fold_batchnorm() expects a keras.Model. Received: {what} of type "
-            f"{type(model).__name__}."
-        )
-    if not isinstance(model, (Functional, keras.Sequential)):
-        raise TypeError(
-            "fold_batchnorm() can only rewrite Functional and Sequential models, whose layer "
-            f"graph is known; {what} {model.name!r} is a subclassed model "
-            f"({type(model).__name__}), whose call() is arbitrary Python. Rebuild it with the "
-            "Functional API, or fold its BN layers by hand with keras_bn.folding.inference_affine."
-        )
-    if isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is None:
-        raise ValueError(
-            f"Sequential model {model.name!r} has no known input shape, so its graph cannot be "
-            "rewritten. Start it with keras.Input(shape) or call model.build(input_shape)."
-        )
-
-
 class _Graph:
     """The nodes of one Functional graph, and who consumes what inside it."""
 
     def __init__(self, model):
-        functional = model._functional if isinstance(model, keras.Sequential) else model
-        depths = sorted(functional._nodes_by_depth, reverse=True)
-        self.nodes = [node for depth in depths for node in functional._nodes_by_depth[depth]]
+        self.nodes = _keras_internals.graph_calls(model)
         self.calls = collections.Counter(id(node.operation) for node in self.nodes)
         self.consumers = collections.defaultdict(list)
         for node in self.nodes:
             for tensor in node.input_tensors:
                 self.consumers[id(tensor)].append(node)
-        self.outputs = {id(tensor) for tensor in functional.outputs}
+        self.outputs = {id(tensor) for tensor in keras.tree.flatten(model.outputs)}
 
     def why_not_single_consumer(self, tensor, layer, expected_node):
         """Why `tensor` (an output of `layer`) goes elsewhere than `expected_node`; or None."""
@@ -158,12 +153,10 @@ def _plan(model, prefix):
         seen.add(id(layer))
         if isinstance(layer, keras.layers.BatchNormalization):
             _plan_batchnorm(node, graph, plan, prefix)
-        elif isinstance(layer, keras.layers.Layer) and not isinstance(
-            layer, (Functional, keras.Sequential)
-        ):
+        elif isinstance(layer, keras.layers.Layer) and not _is_graph_model(layer):
             # BN inside a custom layer or a subclassed model: its call() is Python we cannot
             # rewrite, so the BN stays; say so rather than miss it in the count.
-            for inner in layer._flatten_layers(include_self=False, recursive=True):
+            for inner in _keras_internals.flatten_layers(layer):
                 if isinstance(inner, keras.layers.BatchNormalization):
                     plan.left.append((
                         f"{prefix}{layer.name}/{inner.name}",
@@ -177,7 +170,7 @@ def _plan_batchnorm(node, graph, plan, prefix):
     bn = node.operation
     name = prefix + bn.name
     reason = graph.why_shared(bn)
-    if reason is None and node.arguments.kwargs.get("training") is True and bn.trainable:
+    if reason is None and node.kwargs.get("training") is True and bn.trainable:
         reason = f"{describe(bn)} is called with training=True, so it never runs in inference"
     if reason is not None:
         plan.left.append((name, reason))
@@ -206,10 +199,10 @@ def _plan_batchnorm(node, graph, plan, prefix):
 def _producer(bn_node, graph):
     """The layer BN folds into as conv -> BN, or None and the reason it cannot."""
     tensor = bn_node.input_tensors[0]
-    producer = tensor._keras_history.operation
+    producer = _keras_internals.producer(tensor)
     if producer is None or isinstance(producer, keras.layers.InputLayer):
         return None, "it is fed by a model input"
-    if isinstance(producer, (Functional, keras.Sequential)):
+    if _is_graph_model(producer):
         return None, f"it is fed by nested model {producer.name!r}; folds stay inside a model"
     if layouts.layout(producer) is None:
         return None, f"it is fed by {describe(producer)}, which has no weights to absorb BN"
@@ -225,7 +218,7 @@ def _producer(bn_node, graph):
 
 def _consumer(bn_node, graph):
     """The layer BN folds into as BN -> conv, or None and the reason it cannot."""
-    tensor = bn_node.outputs[0]
+    tensor = bn_node.output_tensors[0]
     if id(tensor) in graph.outputs:
         return None, "its output is a model output"
     users = graph.consumers[id(tensor)]
@@ -264,7 +257,7 @@ def _fold_graph(model, prefix):
     def clone_function(layer):
         if id(layer) in plan.removed:
             return layer  # never called: call_function passes its input through
-        if isinstance(layer, (Functional, keras.Sequential)):
+        if _is_graph_model(layer):
             new_layer, inner = _fold_graph(layer, f"{prefix}{layer.name}/")
             report.folded += inner.folded
             report.folded_before += inner.folded_before
@@ -282,14 +275,14 @@ def _fold_graph(model, prefix):
     if isinstance(model, keras.Sequential):
         new_model = _rebuild_sequential(model, plan, clone_function)
     else:
-        new_model = keras.models.clone_model(
+        new_model = _without_optimizer(keras.models.clone_model(
             model,
             input_tensors=keras.tree.map_structure(_new_input, model.input),
             clone_function=clone_function,
             call_function=call_function,
-        )
+        ))
     for layer, new_layer in clones:
-        if isinstance(layer, (Functional, keras.Sequential)):
+        if _is_graph_model(layer):
             continue  # its own _fold_graph set its weights
         if not isinstance(layer, keras.layers.Layer):
             continue  # a keras.ops call in the graph (`x + y`): no weights
@@ -306,17 +299,61 @@ def _new_input(tensor):
         batch_shape=tensor.shape,
         dtype=tensor.dtype,
         sparse=tensor.sparse,
-        name=tensor._keras_history.operation.name,
+        name=_keras_internals.producer(tensor).name,
     )
 
 
 def _rebuild_sequential(model, plan, clone_function):
-    new_input = _new_input(model._functional.inputs[0])
+    new_input = _new_input(model.inputs[0])
     layers = [clone_function(layer) for layer in model.layers if id(layer) not in plan.removed]
-    new_model = keras.Sequential([new_input, *layers], name=model.name, trainable=model.trainable)
-    if model.compiled:
-        new_model.compile_from_config(model.get_compile_config())
-    return new_model
+    return keras.Sequential([new_input, *layers], name=model.name, trainable=model.trainable)
+
+
+def _without_optimizer(clone):
+    """`clone` as an uncompiled Functional model over the same layers.
+
+    `clone_model` compiles its copy, with a fresh optimizer, whenever the source was compiled;
+    a folded model is for inference, and optimizer variables would double its `.keras` file.
+    """
+    if not clone.compiled:
+        return clone
+    return keras.Model(clone.input, clone.output, name=clone.name, trainable=clone.trainable)
+
+
+def _is_graph_model(layer):
+    return isinstance(layer, keras.Sequential) or _keras_internals.is_functional(layer)
+
+
+def _verify(original, folded, report, tolerance):
+    """Compares the two models' inference outputs on a random batch; records or raises.
+
+    Sets `report.max_error`, `report.scale` and `report.tolerance`.
+    """
+    if tolerance is None:
+        tolerance = verification.default_tolerance(original)
+    batch = verification.as_model_input(original, verification.random_inputs(original))
+    max_error, scale = verification.output_error(
+        original(batch, training=False), folded(batch, training=False)
+    )
+    report.max_error, report.scale, report.tolerance = max_error, scale, tolerance
+    if verification.within_tolerance(max_error, scale, tolerance):
+        return
+    if not max_error < float("inf"):
+        raise verification.VerificationError(
+            f"Folding BN made the outputs of model {original.name!r} non-finite (NaN or inf) "
+            "on a random batch where the original's are finite; the folded model was not "
+            "returned. A folded weight may overflow its layer's dtype (float16 holds at most "
+            "65504); otherwise this is a bug in keras_bn.fold_batchnorm, please report it with "
+            f"this plan:\n{report}"
+        )
+    raise verification.VerificationError(
+        f"Folding BN changed the outputs of model {original.name!r}: max |folded - original| "
+        f"= {max_error:.3g} on a random batch, above tolerance {tolerance:g} x scale "
+        f"{scale:.3g}; the folded model was not returned. Rounding alone stays far below "
+        "this unless the network amplifies it (deep and untrained): then pass a larger "
+        "tolerance; otherwise this is a bug in keras_bn.fold_batchnorm, please report it "
+        f"with this plan:\n{report}"
+    )
 
 
 def _clone_layer(layer, with_bias):

@@ -8,6 +8,7 @@ array function for the layer's kernel layout. No graph plumbing here: that is `g
 import keras
 import numpy as np
 
+from keras_bn import verification
 from keras_bn.folding import arrays
 
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
@@ -35,6 +36,11 @@ def inference_affine(bn_layer):
 
     Returns:
         `(a, b)`, float64 numpy arrays of shape `(channels,)`.
+
+    Raises:
+        TypeError: `bn_layer` is not a BatchNormalization layer.
+        ValueError: the layer is not built, or holds a non-finite weight or a negative moving
+            variance (`keras_bn.verification.why_statistics_unusable`).
     """
     if not isinstance(bn_layer, keras.layers.BatchNormalization):
         raise TypeError(
@@ -45,6 +51,11 @@ def inference_affine(bn_layer):
         raise ValueError(
             f"BatchNormalization layer {bn_layer.name!r} is not built, so it has no moving "
             "statistics yet. Call it on data or build it first."
+        )
+    reason = verification.why_statistics_unusable(bn_layer)
+    if reason is not None:
+        raise ValueError(
+            f"inference_affine() refuses BatchNormalization layer {bn_layer.name!r}: {reason}."
         )
 
     def value(variable):

@@ -1,24 +1,16 @@
 """Export is TensorFlow-only (tf2onnx): under another backend pytest collects nothing here."""
 
 import os
-import pathlib
-import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+from keras_bn._keras_internals import flatten_layers
 
 if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
     collect_ignore_glob = ["*"]
-
-# pytest puts tests/ on sys.path (rootdir conftest, prepend import mode), where this folder,
-# tests/export/, has no __init__.py and would be imported as a namespace package `export` in place
-# of the real one whenever the repository root is not on sys.path (a bare `pytest` command).
-_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import keras_bn  # noqa: E402
 
 # What BN in training mode or unfrozen BN arithmetic would leave in an ONNX graph: batch moments
 # always subtract the mean (Sub) and take a root (Sqrt/Rsqrt/Div). ReduceMean alone is no sign of
@@ -31,7 +23,7 @@ NORMALIZATION_OPS = {
 def randomize_batchnorm(model, seed=0):
     """Give every BN non-trivial population statistics and affine parameters, as training would."""
     rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             channels = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(0.0, 0.5, channels))
