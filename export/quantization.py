@@ -29,8 +29,8 @@ import onnxruntime
 from onnxruntime import quantization as ort_quantization
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from export.onnx_export import VerificationError
 from keras_bn.population import _array_inputs, _batch_length, _batches, _is_array, _length
+from keras_bn.verification import VerificationError  # not via export.onnx_export: no cycle
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ def quantize_int8(float_model, calibration_data, *, method="minmax",
         ValueError: an argument is out of range, or data is empty, non-numeric, not finite, or
             of a shape the graph does not take (the message names the array and what it held).
         TypeError: `float_model` or a data argument is of a type not accepted.
-        VerificationError: the int8 graph fails a guard; nothing is returned.
+        VerificationError: the int8 graph fails a guard; nothing is returned
+            (`keras_bn.VerificationError`, the one `export.to_onnx` raises).
 
     Example:
 
