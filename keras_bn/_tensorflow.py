@@ -32,7 +32,8 @@ def fused_batch_norm_training(inputs, gamma, beta, epsilon, channels_first):
 
 
 def replicas_in_sync():
-    """How many replicas a synchronized statistic sums over (1 outside a `tf.distribute` replica)."""
+    """How many replicas a synchronized statistic sums over (1 outside a `tf.distribute`
+    replica)."""
     context = tf.distribute.get_replica_context()
     if context is None:
         # Cross-replica context: the layer is called on the whole batch.

@@ -22,8 +22,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     (Keras averages the biased `sigma2_B`; `unbiased_variance=False` restores that). For `m = 1` the
     correction factor is taken as 1.
 
-    In inference (`training=False` or `None`, or `trainable=False` whatever `training` says) it applies
-    the population statistics only, as the fixed affine map of Algorithm 2:
+    In inference (`training=False` or `None`, or `trainable=False` whatever `training` says) it
+    applies the population statistics only, as the fixed affine map of Algorithm 2:
     `y = gamma / sqrt(moving_variance + epsilon) * x + (beta - gamma * moving_mean /
     sqrt(moving_variance + epsilon))`, and updates nothing. For the exact population statistics of
     Algorithm 2 (lines 9-11) rather than moving averages, see
@@ -289,8 +289,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             r, d = _keras_internals.renorm_correction(self, mean_vector, variance_vector)
             gamma, beta = _keras_internals.compose_renorm(self, r, d, gamma, beta, x.dtype)
             self._update_renorm_statistics(mean_vector, variance_vector)
-        # y = gamma * (x - mu_B) / sqrt(sigma2_B + eps) + beta, as two passes over x: the per-channel
-        # scale and offset are tiny, and gradients still flow through mu_B and sigma2_B.
+        # y = gamma * (x - mu_B) / sqrt(sigma2_B + eps) + beta, as two passes over x: the
+        # per-channel scale and offset are tiny, and gradients still flow through mu_B and sigma2_B.
         scale = ops.rsqrt(variance + self.epsilon)
         if gamma is not None:
             scale = scale * _per_channel(gamma, rank, channel_axis)
@@ -345,7 +345,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return x, mask
 
     def _to_channel_vector(self, statistic):
-        """A statistic with size-1 reduced dims -> shape (channels,), averaged over ghost batches."""
+        """A statistic with size-1 reduced dims -> shape (channels,), averaged over ghost
+        batches."""
         if self.virtual_batch_size:
             statistic = ops.mean(statistic, axis=0)
         return ops.reshape(statistic, (-1,))

@@ -233,7 +233,9 @@ def _compile_training_forward(model, layers):
 
         @jax.jit
         def stateless_forward(trainable_values, non_trainable_values, x):
-            values = model.stateless_call(trainable_values, non_trainable_values, x, training=True)[1]
+            values = model.stateless_call(
+                trainable_values, non_trainable_values, x, training=True
+            )[1]
             return values, _flat([values[i] for i in positions])
 
         def forward(x):
@@ -279,11 +281,13 @@ def _array_inputs(data):
 
 
 def _batches(data, batch_size):
-    """Yields the model inputs `x` of each batch of `data` (see `estimate_population_statistics`)."""
+    """Yields the model inputs `x` of each batch of `data` (see
+    `estimate_population_statistics`)."""
     x = _array_inputs(data)
     if x is not None:
         for start in range(0, _batch_length(x), batch_size):
-            yield keras.tree.map_structure(lambda a: a[start : start + batch_size], x)
+            window = slice(start, start + batch_size)
+            yield keras.tree.map_structure(lambda a, window=window: a[window], x)
         return
     if isinstance(data, keras.utils.PyDataset):
         iterator = (data[index] for index in range(len(data)))
@@ -304,7 +308,8 @@ def _batch_length(x):
 
 
 def _length(data, batch_size):
-    """The number of batches in `data` when it is known, else None (the progress bar then counts)."""
+    """The number of batches in `data` when it is known, else None (the progress bar then
+    counts)."""
     x = _array_inputs(data)
     if x is not None:
         return -(-_batch_length(x) // batch_size)

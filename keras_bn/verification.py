@@ -1,7 +1,8 @@
 """The checks shared by folding and export: which models they accept, and whether a rewritten
 model (folded, frozen, converted to ONNX) still computes what the original computes.
 
-- `check_graph_model`: a built Functional or Sequential `keras.Model`, else `TypeError`/`ValueError`;
+- `check_graph_model`: a built Functional or Sequential `keras.Model`, else `TypeError` or
+  `ValueError`;
 - `check_batchnorm_statistics`: finite BN weights and a non-negative variance, else `ValueError`
   naming the layer;
 - `random_inputs`: one random batch for a model's inputs;
@@ -195,7 +196,7 @@ def output_error(expected, received):
         with np.errstate(invalid="ignore"):
             same = (y == z) | (np.isnan(y) & np.isnan(z))  # inf == inf; NaN != NaN
             difference = np.where(same, 0.0, np.abs(y - z))
-        difference = np.nan_to_num(difference, nan=np.inf)  # NaN against a finite value
+        difference[np.isnan(difference)] = np.inf  # NaN against a finite value
         max_error = max(max_error, float(difference.max(initial=0.0)))
         scale = max(scale, float(np.abs(y[np.isfinite(y)]).max(initial=0.0)))
     return max_error, scale
@@ -233,7 +234,7 @@ def _as_arrays(outputs):
 
 
 def _batchnorms_by_name(model):
-    """`(name, layer)` of every built BN in `model`, named as `fold_batchnorm`'s report names them."""
+    """`(name, layer)` of every built BN in `model`, named as `fold_batchnorm`'s report does."""
     found = []
 
     def walk(parent, prefix):

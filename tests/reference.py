@@ -48,7 +48,8 @@ def bn_train_backward(x, gamma, dy, axis=-1, epsilon=EPSILON):
 
 
 def bn_inference(x, gamma, beta, mean, variance, axis=-1, epsilon=EPSILON):
-    """Algorithm 2, line 11: y = gamma / sqrt(Var + eps) * x + (beta - gamma E[x] / sqrt(Var + eps))."""
+    """Algorithm 2, line 11:
+    y = gamma / sqrt(Var + eps) * x + (beta - gamma E[x] / sqrt(Var + eps))."""
     a = gamma / np.sqrt(variance + epsilon)
     b = beta - a * mean
     return per_channel(a, x.shape, axis) * x.astype("float64") + per_channel(b, x.shape, axis)

@@ -43,7 +43,10 @@ def random_statistics(channels, rng):
 
 def set_statistics(layer, stats):
     layer.set_weights(
-        [stats[name].astype("float32") for name in ("gamma", "beta", "moving_mean", "moving_variance")]
+        [
+            stats[name].astype("float32")
+            for name in ("gamma", "beta", "moving_mean", "moving_variance")
+        ]
     )
 
 
@@ -159,7 +162,9 @@ def test_inference_matches_algorithm_2_and_updates_nothing(shape, axis):
         x, stats["gamma"], stats["beta"], stats["moving_mean"], stats["moving_variance"], axis
     )
     for training in (None, False):
-        np.testing.assert_allclose(to_numpy(layer(x, training=training)), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            to_numpy(layer(x, training=training)), expected, rtol=1e-4, atol=1e-4
+        )
     layer.trainable = False  # a frozen layer uses population statistics whatever `training` says
     np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(layer.moving_mean.numpy(), stats["moving_mean"].astype("float32"))
@@ -179,7 +184,12 @@ def test_biased_mode_agrees_with_keras_layer(shape, axis):
     theirs.set_weights(ours.get_weights())  # same weights, same order
     for _ in range(3):
         x = rng.normal(2.0, 3.0, shape).astype("float32")
-        np.testing.assert_allclose(to_numpy(ours(x, training=True)), to_numpy(theirs(x, training=True)), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            to_numpy(ours(x, training=True)),
+            to_numpy(theirs(x, training=True)),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, keras_weight, rtol=1e-5, atol=1e-5)
     x = rng.normal(2.0, 3.0, shape).astype("float32")
@@ -207,7 +217,9 @@ def test_masked_statistics_leave_masked_values_out():
     y = to_numpy(layer(x, training=True, mask=mask))
     kept = x[mask]  # (count, channels)
     mean, variance = kept.mean(0), kept.var(0)
-    np.testing.assert_allclose(y[mask], (kept - mean) / np.sqrt(variance + EPSILON), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        y[mask], (kept - mean) / np.sqrt(variance + EPSILON), rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
         layer.moving_variance.numpy(), kept.var(0, ddof=1), rtol=1e-4, atol=1e-5
@@ -230,7 +242,9 @@ def test_masking_inside_a_model():
     model(tokens, training=True)
     embedded = to_numpy(model.layers[0](tokens))
     kept = embedded[tokens > 0]
-    np.testing.assert_allclose(model.layers[1].moving_mean.numpy(), kept.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.layers[1].moving_mean.numpy(), kept.mean(0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_virtual_batches_normalize_each_ghost_batch():
@@ -244,7 +258,9 @@ def test_virtual_batches_normalize_each_ghost_batch():
     np.testing.assert_allclose(
         y, ((ghosts - mean) / np.sqrt(variance + EPSILON)).reshape(x.shape), rtol=1e-4, atol=1e-4
     )
-    np.testing.assert_allclose(layer.moving_mean.numpy(), ghosts.mean((1, 2, 3)).mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), ghosts.mean((1, 2, 3)).mean(0), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(
         layer.moving_variance.numpy(), ghosts.var((1, 2, 3), ddof=1).mean(0), rtol=1e-4, atol=1e-5
     )
@@ -254,12 +270,22 @@ def test_virtual_batches_normalize_each_ghost_batch():
 
 def test_renorm_biased_mode_agrees_with_keras_renorm():
     rng = np.random.default_rng(7)
-    kwargs = dict(renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}, momentum=0.6, renorm_momentum=0.5)
+    kwargs = dict(
+        renorm=True,
+        renorm_clipping={"rmax": 1.5, "rmin": 0.7, "dmax": 0.5},
+        momentum=0.6,
+        renorm_momentum=0.5,
+    )
     ours = keras_bn.BatchNormalization(unbiased_variance=False, **kwargs)
     theirs = keras.layers.BatchNormalization(**kwargs)
     for _ in range(3):
         x = rng.normal(1.0, 2.0, (6, 4)).astype("float32")
-        np.testing.assert_allclose(to_numpy(ours(x, training=True)), to_numpy(theirs(x, training=True)), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            to_numpy(ours(x, training=True)),
+            to_numpy(theirs(x, training=True)),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(mine, keras_weight, rtol=1e-5, atol=1e-5)
 
@@ -283,7 +309,9 @@ def test_mixed_precision_large_inputs_stay_finite(policy, shape, axis):
     y = to_numpy(keras.ops.cast(y, "float32"))
     assert np.all(np.isfinite(y))
     x_low = to_numpy(keras.ops.cast(keras.ops.cast(x, policy.split("_")[1]), "float32"))
-    expected, mean, _, _ = bn_train_forward(x_low, np.ones(shape[axis]), np.zeros(shape[axis]), axis)
+    expected, mean, _, _ = bn_train_forward(
+        x_low, np.ones(shape[axis]), np.zeros(shape[axis]), axis
+    )
     np.testing.assert_allclose(y, expected, atol=0.05, rtol=0.05)
     assert layer.moving_variance.dtype == "float32"
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
@@ -307,7 +335,9 @@ def test_keras_file_round_trip(tmp_path):
         [
             keras.Input((6, 6, 2)),
             keras.layers.Conv2D(3, 3, use_bias=False),
-            keras_bn.BatchNormalization(momentum=0.9, epsilon=1e-5, unbiased_variance=False, virtual_batch_size=2),
+            keras_bn.BatchNormalization(
+                momentum=0.9, epsilon=1e-5, unbiased_variance=False, virtual_batch_size=2
+            ),
             keras.layers.ReLU(),
         ]
     )
@@ -362,7 +392,9 @@ def test_axis_out_of_range_says_what_was_received():
     with pytest.raises(ValueError, match="axis=5"):
         keras_bn.BatchNormalization(axis=5).build((2, 3, 4, 5))
     with pytest.raises(ValueError, match="mask"):
-        keras_bn.BatchNormalization()(np.ones((2, 3, 4), "float32"), training=True, mask=np.ones((2,), bool))
+        keras_bn.BatchNormalization()(
+            np.ones((2, 3, 4), "float32"), training=True, mask=np.ones((2,), bool)
+        )
 
 
 def test_is_a_keras_batch_normalization_and_config_has_new_arguments():

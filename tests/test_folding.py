@@ -88,21 +88,39 @@ CHANNELS_FIRST = {"data_format": "channels_first"}
 
 PRODUCERS = {
     "conv1d_strided_dilated": ((20, 3), layers.Conv1D(6, 3, strides=2, name="p")),
-    "conv1d_dilated_no_bias": ((20, 4), layers.Conv1D(6, 3, dilation_rate=2, use_bias=False, name="p")),
+    "conv1d_dilated_no_bias": (
+        (20, 4),
+        layers.Conv1D(6, 3, dilation_rate=2, use_bias=False, name="p"),
+    ),
     "conv2d_groups": ((9, 9, 4), layers.Conv2D(6, 3, groups=2, padding="same", name="p")),
     "conv2d_strided_no_bias": ((9, 9, 3), layers.Conv2D(5, 3, strides=2, use_bias=False, name="p")),
     "conv2d_channels_first": ((4, 9, 9), layers.Conv2D(6, 3, groups=2, name="p", **CHANNELS_FIRST)),
     "conv3d": ((6, 6, 6, 2), layers.Conv3D(4, 3, dilation_rate=2, use_bias=False, name="p")),
-    "conv3d_channels_first": ((2, 6, 6, 6), layers.Conv3D(4, 2, strides=2, name="p", **CHANNELS_FIRST)),
+    "conv3d_channels_first": (
+        (2, 6, 6, 6),
+        layers.Conv3D(4, 2, strides=2, name="p", **CHANNELS_FIRST),
+    ),
     "depthwise1d": ((12, 3), layers.DepthwiseConv1D(3, depth_multiplier=2, name="p")),
-    "depthwise2d_no_bias": ((9, 9, 3), layers.DepthwiseConv2D(3, depth_multiplier=3, use_bias=False, name="p")),
-    "depthwise2d_channels_first": ((3, 9, 9), layers.DepthwiseConv2D(3, depth_multiplier=2, name="p", **CHANNELS_FIRST)),
+    "depthwise2d_no_bias": (
+        (9, 9, 3),
+        layers.DepthwiseConv2D(3, depth_multiplier=3, use_bias=False, name="p"),
+    ),
+    "depthwise2d_channels_first": (
+        (3, 9, 9),
+        layers.DepthwiseConv2D(3, depth_multiplier=2, name="p", **CHANNELS_FIRST),
+    ),
     "separable1d": ((12, 3), layers.SeparableConv1D(5, 3, depth_multiplier=2, name="p")),
     "separable2d_no_bias": ((9, 9, 3), layers.SeparableConv2D(5, 3, use_bias=False, name="p")),
-    "separable2d_channels_first": ((3, 9, 9), layers.SeparableConv2D(5, 3, name="p", **CHANNELS_FIRST)),
+    "separable2d_channels_first": (
+        (3, 9, 9),
+        layers.SeparableConv2D(5, 3, name="p", **CHANNELS_FIRST),
+    ),
     "conv1d_transpose": ((7, 3), layers.Conv1DTranspose(5, 3, strides=2, name="p")),
     "conv2d_transpose_no_bias": ((5, 5, 3), layers.Conv2DTranspose(4, 3, use_bias=False, name="p")),
-    "conv2d_transpose_channels_first": ((3, 5, 5), layers.Conv2DTranspose(4, 3, strides=2, name="p", **CHANNELS_FIRST)),
+    "conv2d_transpose_channels_first": (
+        (3, 5, 5),
+        layers.Conv2DTranspose(4, 3, strides=2, name="p", **CHANNELS_FIRST),
+    ),
     "conv3d_transpose": ((3, 3, 3, 2), layers.Conv3DTranspose(3, 2, strides=2, name="p")),
     "dense": ((7,), layers.Dense(5, name="p")),
     "dense_rank4_no_bias": ((3, 4, 7), layers.Dense(5, use_bias=False, name="p")),
@@ -122,7 +140,10 @@ def test_bn_after_every_producer_folds(case):
 
 CONSUMERS = {
     "conv2d_valid_groups": ((9, 9, 4), layers.Conv2D(6, 3, groups=2, name="c")),
-    "conv2d_same_1x1_strided": ((9, 9, 4), layers.Conv2D(6, 1, strides=2, padding="same", name="c")),
+    "conv2d_same_1x1_strided": (
+        (9, 9, 4),
+        layers.Conv2D(6, 1, strides=2, padding="same", name="c"),
+    ),
     "conv1d_valid_channels_first": ((4, 12), layers.Conv1D(3, 3, name="c", **CHANNELS_FIRST)),
     "depthwise2d_valid": ((9, 9, 3), layers.DepthwiseConv2D(3, depth_multiplier=2, name="c")),
     "separable2d_valid": ((9, 9, 3), layers.SeparableConv2D(4, 3, depth_multiplier=2, name="c")),
@@ -160,7 +181,9 @@ def _left_reason(report, name):
 
 def test_activation_in_producer_is_refused():
     model = chain(
-        (9, 9, 3), layers.Conv2D(4, 3, activation="relu", name="conv"), bn(),
+        (9, 9, 3),
+        layers.Conv2D(4, 3, activation="relu", name="conv"),
+        bn(),
         layers.Conv2D(2, 3, padding="same", name="next"),
     )
     _, report = fold_and_check(model, folded_count=0, left_count=1)
@@ -170,7 +193,9 @@ def test_activation_in_producer_is_refused():
 
 def test_activation_in_producer_with_exact_consumer_folds_forward():
     model = chain(
-        (9, 9, 3), layers.Conv2D(4, 3, activation="relu", name="conv"), bn(),
+        (9, 9, 3),
+        layers.Conv2D(4, 3, activation="relu", name="conv"),
+        bn(),
         layers.Conv2D(2, 1, name="next"),
     )
     _, report = fold_and_check(model, folded_count=1)
@@ -323,8 +348,11 @@ def test_nested_models_fold_inside_and_keep_structure():
     x = layers.BatchNormalization(name="inner_bn")(x)
     inner = keras.Model(inner_inputs, x, name="inner")
     block = keras.Sequential(
-        [keras.Input((8, 8, 4)), layers.DepthwiseConv2D(3, padding="same", name="dw"),
-         layers.BatchNormalization(name="dw_bn")],
+        [
+            keras.Input((8, 8, 4)),
+            layers.DepthwiseConv2D(3, padding="same", name="dw"),
+            layers.BatchNormalization(name="dw_bn"),
+        ],
         name="block",
     )
     inputs = [keras.Input((8, 8, 3), name="a"), keras.Input((8, 8, 3), name="b")]
@@ -373,15 +401,19 @@ def test_original_model_is_untouched():
     assert not model.get_layer("conv").use_bias
     for old, new in zip(before_weights, model.get_weights()):
         np.testing.assert_array_equal(old, new)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x, training=False)), before_outputs)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model(x, training=False)), before_outputs
+    )
     assert all(new is not old for new in folded.layers for old in model.layers)
     assert not hasattr(model, "fold_report")
 
 
 def test_folded_weights_keep_the_layer_dtype():
-    model = randomize(chain(
-        (6,), layers.Dense(4, dtype="float16", name="d"), layers.BatchNormalization(name="bn")
-    ))
+    model = randomize(
+        chain(
+            (6,), layers.Dense(4, dtype="float16", name="d"), layers.BatchNormalization(name="bn")
+        )
+    )
     folded = keras_bn.fold_batchnorm(model, tolerance=1e-2)
     assert folded.fold_report.tolerance == 1e-2
     assert {w.dtype for w in folded.get_layer("d").weights} == {"float16"}
@@ -477,14 +509,18 @@ def test_applications_fold_completely(application, size, count):
 
 def test_keras_ops_calls_in_the_graph_are_kept():
     inputs = keras.Input((8, 8, 3))
-    x = layers.BatchNormalization(name="bn")(layers.Conv2D(3, 3, padding="same", name="conv")(inputs))
+    x = layers.BatchNormalization(name="bn")(
+        layers.Conv2D(3, 3, padding="same", name="conv")(inputs)
+    )
     outputs = layers.BatchNormalization(name="bn_after_add")(x + inputs)  # an ops.Add node
     _, report = fold_and_check(keras.Model(inputs, outputs), folded_count=1, left_count=1)
     assert "fed by Add" in _left_reason(report, "bn_after_add")
 
 
 def test_folded_model_saves_and_loads(tmp_path):
-    model = chain((9, 9, 3), layers.Conv2D(4, 3, name="conv"), keras_bn.BatchNormalization(name="bn"))
+    model = chain(
+        (9, 9, 3), layers.Conv2D(4, 3, name="conv"), keras_bn.BatchNormalization(name="bn")
+    )
     folded, _ = fold_and_check(model, folded_count=1)
     path = str(tmp_path / "folded.keras")
     folded.save(path)
@@ -503,5 +539,105 @@ def test_verify_tolerance_follows_the_least_precise_layer():
     model = keras.Model(inputs, outputs)
     assert model.dtype_policy.compute_dtype == "float32"
     assert keras_bn.fold_batchnorm(model).fold_report.tolerance == 1e-2
-    float32_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()])
+    float32_model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()]
+    )
     assert keras_bn.fold_batchnorm(float32_model).fold_report.tolerance == 1e-3
+
+
+def _nested_bn_model():
+    inner_inputs = keras.Input((6,))
+    x = layers.BatchNormalization(name="bn")(layers.Dense(4, name="dense")(inner_inputs))
+    inner = keras.Model(inner_inputs, x, name="inner")
+    inputs = keras.Input((6,))
+    outputs = layers.BatchNormalization(name="outer_bn")(layers.Dense(6, name="d")(inputs))
+    return randomize(keras.Model(inputs, inner(outputs), name="outer"))
+
+
+@pytest.mark.parametrize(
+    "weight, value, words",
+    [
+        ("moving_variance", -0.5, "moving_variance holds 1 negative value"),
+        ("moving_variance", np.nan, "moving_variance holds 1 non-finite value"),
+        ("moving_variance", np.inf, "moving_variance holds 1 non-finite value"),
+        ("moving_mean", np.inf, "moving_mean holds 1 non-finite value"),
+        ("gamma", np.nan, "gamma holds 1 non-finite value"),
+        ("beta", -np.inf, "beta holds 1 non-finite value"),
+    ],
+)
+def test_bad_numbers_are_refused_with_the_layer_named(monkeypatch, weight, value, words):
+    model = _nested_bn_model()
+    bn = model.get_layer("inner").get_layer("bn")
+    values = keras.ops.convert_to_numpy(getattr(bn, weight)).copy()
+    values[2] = value
+    getattr(bn, weight).assign(values)
+    before = [w.copy() for w in model.get_weights()]
+    built = []
+    monkeypatch.setattr(keras.models, "clone_model", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=f"'inner/bn' of model 'outer': its {words}") as error:
+        keras_bn.fold_batchnorm(model)
+    assert "channel 2" in str(error.value)
+    assert built == []  # refused before building anything
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)  # NaN compares equal to NaN here
+    assert not hasattr(model, "fold_report")
+
+
+def test_a_bn_left_unfolded_is_checked_too():
+    model = chain((8, 8, 2), layers.Activation("relu", name="relu"), bn())  # bn cannot fold
+    randomize(model).get_layer("bn").moving_variance.assign([1.0, -1.0])
+    with pytest.raises(ValueError, match="'bn'.*negative"):
+        keras_bn.fold_batchnorm(model, verify=False)
+
+
+def test_inference_affine_refuses_bad_numbers():
+    model = randomize(chain((4,), bn()))
+    model.get_layer("bn").moving_mean.assign([0.0, np.nan, 0.0, 0.0])
+    with pytest.raises(ValueError, match="'bn'.*moving_mean holds 1 non-finite value"):
+        inference_affine(model.get_layer("bn"))
+
+
+def test_verification_fails_on_a_non_finite_fold(monkeypatch):
+    right = arrays.fold_after_conv
+
+    def overflowing(kernel, bias, a, b):
+        kernel, bias = right(kernel, bias, a, b)
+        return kernel, bias * np.nan
+
+    monkeypatch.setattr(arrays, "fold_after_conv", overflowing)
+    model = randomize(chain((6,), layers.Dense(4, name="d"), bn()))
+    with pytest.raises(keras_bn.VerificationError, match="non-finite"):
+        keras_bn.fold_batchnorm(model)
+
+
+def _saved_weight_groups(path):
+    """The top-level groups of the weights file inside a `.keras` archive."""
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as weights:
+        with h5py.File(weights, "r") as h5:
+            return set(h5.keys())
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_folded_model_holds_no_optimizer_state(tmp_path, kind):
+    stack = [layers.Conv2D(4, 3, name="conv"), bn(), layers.Flatten(name="flat")]
+    if kind == "functional":
+        model = chain((6, 6, 3), *stack)
+    else:
+        model = keras.Sequential([keras.Input((6, 6, 3)), *stack])
+    model = randomize(model)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(rng.normal(size=(4, 6, 6, 3)), np.zeros((4, 64)), epochs=1, verbose=0)
+    assert model.optimizer.variables  # the original's optimizer is built and holds state
+    folded = keras_bn.fold_batchnorm(model)
+    assert not folded.compiled and getattr(folded, "optimizer", None) is None
+    assert model.compiled  # the original keeps its own
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    assert "optimizer" not in _saved_weight_groups(path)
+    loaded = keras.saving.load_model(path)
+    assert not loaded.compiled
+    assert_same_outputs(folded, loaded, rtol=1e-6)

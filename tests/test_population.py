@@ -28,7 +28,9 @@ def reference_statistics(model, x, batch_size):
     w2, b2 = inner.get_layer("dense_2").get_weights()
     batches = x.astype("float64").reshape(-1, batch_size, x.shape[1])
     first = batches @ w1 + b1
-    normalized = (first - first.mean(1, keepdims=True)) / np.sqrt(first.var(1, keepdims=True) + 1e-3)
+    normalized = (first - first.mean(1, keepdims=True)) / np.sqrt(
+        first.var(1, keepdims=True) + 1e-3
+    )
     second = (normalized * gamma + beta) @ w2 + b2
     return {
         # Our layer: E[mu_B] and m/(m-1) E[sigma2_B]; Keras's layer: its own, biased, convention.
@@ -108,7 +110,9 @@ def test_population_statistics_beat_lagging_moving_averages():
             keras.layers.Dense(2),
         ]
     )
-    model.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(x, labels, batch_size=32, epochs=2, verbose=0, shuffle=False)
     features = to_numpy(model.layers[0](x))
     bn = model.layers[1]
@@ -152,7 +156,12 @@ def test_frozen_bn_layers_are_left_as_they_are():
     frozen = model.get_layer("inner").get_layer("keras")
     frozen.trainable = False
     before = frozen.get_weights()
-    keras_bn.estimate_population_statistics(model, np.random.default_rng(4).normal(size=(40, 6)).astype("float32"), batch_size=20, verbose=0)
+    keras_bn.estimate_population_statistics(
+        model,
+        np.random.default_rng(4).normal(size=(40, 6)).astype("float32"),
+        batch_size=20,
+        verbose=0,
+    )
     for value, after in zip(before, frozen.get_weights()):
         np.testing.assert_array_equal(value, after)
 
@@ -168,9 +177,49 @@ def test_later_calls_reuse_the_compiled_forward_pass_and_stay_exact():
     assert model._keras_bn_population_forward is compiled
     inner = model.get_layer("inner")
     for name, (mean, variance) in reference_statistics(model, second, 20).items():
-        np.testing.assert_allclose(inner.get_layer(name).moving_mean.numpy(), mean, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(inner.get_layer(name).moving_variance.numpy(), variance, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            inner.get_layer(name).moving_mean.numpy(), mean, rtol=1e-4, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            inner.get_layer(name).moving_variance.numpy(), variance, rtol=1e-4, atol=1e-4
+        )
     # Freezing a BN layer changes what a trace must do: the cache is rebuilt, not reused.
     inner.get_layer("keras").trainable = False
     keras_bn.estimate_population_statistics(model, second, batch_size=20, verbose=0)
     assert model._keras_bn_population_forward is not compiled
+
+
+def _assert_unchanged(model, before):
+    for value, variable in zip(before, model.variables):
+        np.testing.assert_array_equal(value, to_numpy(variable))
+    inner = model.get_layer("inner")
+    assert inner.get_layer("ours").momentum == 0.99 and inner.get_layer("keras").momentum == 0.99
+
+
+def test_non_finite_data_is_refused_naming_the_first_layer_and_the_batch():
+    rng = np.random.default_rng(6)
+    model = two_bn_model()
+    clean = rng.normal(1.0, 2.0, (40, 6)).astype("float32")
+    keras_bn.estimate_population_statistics(model, clean, batch_size=20, verbose=0)
+    before = [np.array(v) for v in model.variables]
+    x = rng.normal(0.0, 1.0, (60, 6)).astype("float32")
+    x[45, 3] = np.nan  # one value, in the third batch of 20
+    # Every BN after the NaN gets NaN statistics; the message names the first of them.
+    with pytest.raises(
+        ValueError,
+        match=r"batch 2 \(counting from 0\): BatchNormalization layer 'ours' of model 'outer' "
+        r"gets a mean with 5 NaN or inf value\(s\); the batch itself holds 1 non-finite input",
+    ):
+        keras_bn.estimate_population_statistics(model, x, batch_size=20, verbose=0)
+    _assert_unchanged(model, before)
+
+
+def test_statistics_that_overflow_are_refused():
+    model = two_bn_model()
+    before = [np.array(v) for v in model.variables]
+    huge = np.full((40, 6), 1e30, "float32")  # finite, but its square is not in float32
+    huge[::2] *= -1.0
+    with pytest.raises(ValueError, match="layer 'ours' .* variance with 5 NaN or inf") as error:
+        keras_bn.estimate_population_statistics(model, huge, batch_size=20, verbose=0)
+    assert "input value" not in str(error.value)
+    _assert_unchanged(model, before)

@@ -37,7 +37,8 @@ def batchnorm_affine(gamma, beta, moving_mean, moving_variance, epsilon):
     beta = 0.0 if beta is None else np.asarray(beta, dtype=np.float64)
     a = gamma / np.sqrt(moving_variance + float(epsilon))
     b = beta - a * moving_mean
-    return np.broadcast_to(a, moving_mean.shape).copy(), np.broadcast_to(b, moving_mean.shape).copy()
+    shape = moving_mean.shape
+    return np.broadcast_to(a, shape).copy(), np.broadcast_to(b, shape).copy()
 
 
 def _as_float64(kernel, bias, out_channels):

@@ -1,5 +1,8 @@
 """export.freeze and its FrozenAffine layer."""
 
+import zipfile
+
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -158,3 +161,59 @@ def test_freeze_refuses_what_it_cannot_rewrite():
     hidden = keras.Model(inputs, _Block(name="block")(inputs))
     with pytest.raises(ValueError, match="custom layer"):
         export.freeze(hidden)
+
+
+def test_subclassed_model_gets_the_same_error_from_freeze_and_fold():
+    subclassed = _Subclassed()
+    subclassed(np.zeros((1, 2), "float32"))
+    messages = []
+    for function in (export.freeze, keras_bn.fold_batchnorm):
+        with pytest.raises(TypeError, match="only rewrite Functional and Sequential") as error:
+            function(subclassed)
+        messages.append(str(error.value).split(" can only")[1])
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_freeze_refuses_bad_numbers_naming_the_layer(model, monkeypatch, fold):
+    bn = model.get_layer("bn_add")  # a BN that does not fold: freezing alone would use it
+    variance = keras.ops.convert_to_numpy(bn.moving_variance).copy()
+    variance[5] = np.nan
+    bn.moving_variance.assign(variance)
+    before = [w.copy() for w in model.get_weights()]
+    built = []
+    monkeypatch.setattr(keras.models, "clone_model", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=r"freeze\(\) refuses BatchNormalization layer 'bn_add' "
+                                         r"of model 'residual': its moving_variance holds 1 "
+                                         r"non-finite value \(channel 5: nan\)"):
+        export.freeze(model, fold=fold)
+    assert built == []
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def _sequential(randomize):
+    return randomize(keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+        keras.layers.Flatten(), keras.layers.Dropout(0.5), keras.layers.Dense(2),
+    ]))
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_frozen_model_holds_no_optimizer_state(model, randomize, tmp_path, fold, kind):
+    if kind == "sequential":
+        model = _sequential(randomize)
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(5).standard_normal((4, 8, 8, 3)).astype("float32")
+    model.fit(x, np.zeros((4, model.outputs[0].shape[-1])), verbose=0)
+    frozen = export.freeze(model, fold=fold)
+    assert not frozen.compiled and getattr(frozen, "optimizer", None) is None
+    assert isinstance(frozen, keras.Sequential) == (kind == "sequential")
+    frozen.save(tmp_path / "frozen.keras")
+    with zipfile.ZipFile(tmp_path / "frozen.keras") as archive:
+        with archive.open("model.weights.h5") as weights, h5py.File(weights, "r") as h5:
+            assert "optimizer" not in h5
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(frozen(x)),
+                               keras.ops.convert_to_numpy(model(x, training=False)),
+                               rtol=1e-5, atol=1e-5)

@@ -213,6 +213,40 @@ def test_verification_failure_writes_nothing(model, tmp_path, monkeypatch):
     assert export.to_onnx(model, path, verify=False).max_error is None
 
 
+def _poison_first_weight(convert):
+    def poisoned(*args, **kwargs):
+        proto = convert(*args, **kwargs)
+        weights = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        values = numpy_helper.to_array(weights).copy()
+        values.flat[0] = np.nan
+        weights.CopyFrom(numpy_helper.from_array(values, weights.name))
+        return proto
+    return poisoned
+
+
+def test_non_finite_onnx_output_fails_verification(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "_convert", _poison_first_weight(onnx_export._convert))
+    with pytest.raises(export.VerificationError, match="holds NaN or inf where Keras's output is "
+                                                       "finite"):
+        export.to_onnx(model, tmp_path / "model.onnx", tolerance=1e9)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_fold_is_a_verification_error(model, tmp_path, monkeypatch):
+    from keras_bn.folding import arrays
+
+    right = arrays.fold_after_conv
+
+    def wrong(kernel, bias, a, b):
+        kernel, bias = right(kernel, bias, a, b)
+        return kernel, bias + 1.0
+
+    monkeypatch.setattr(arrays, "fold_after_conv", wrong)
+    with pytest.raises(export.VerificationError, match="Folding BN changed the outputs"):
+        export.to_onnx(model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_no_partial_file(model, tmp_path, monkeypatch):
     def refuse(source, target):
         raise OSError("disk full")

@@ -1,4 +1,5 @@
-"""The fused TensorFlow kernel against the generic path, and synchronized BN under MirroredStrategy."""
+"""The fused TensorFlow kernel against the generic path, and synchronized BN under
+MirroredStrategy."""
 
 import json
 import os
@@ -41,26 +42,42 @@ def run_training_step(layer, x, dy):
 
 @pytest.mark.parametrize(
     "shape,axis",
-    [((4, 5, 5, 3), -1), ((4, 3, 5, 5), 1), ((16, 3), -1), ((4, 6, 3), -1), ((4, 3, 6), 1),
-     ((2, 3, 4, 5, 3), -1), ((2, 3, 3, 4, 5), 1)],
+    [
+        ((4, 5, 5, 3), -1),
+        ((4, 3, 5, 5), 1),
+        ((16, 3), -1),
+        ((4, 6, 3), -1),
+        ((4, 3, 6), 1),
+        ((2, 3, 4, 5, 3), -1),
+        ((2, 3, 3, 4, 5), 1),
+    ],
 )
 @pytest.mark.parametrize("unbiased_variance", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("scale,center", [(True, True), (False, False)])
-def test_fused_and_generic_paths_agree(shape, axis, unbiased_variance, dtype, scale, center, fused_calls):
+def test_fused_and_generic_paths_agree(
+    shape, axis, unbiased_variance, dtype, scale, center, fused_calls
+):
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, shape).astype("float32")
     dy = rng.normal(0, 1, shape).astype("float32")
     results = []
     for fused in (None, False):
         layer = keras_bn.BatchNormalization(
-            axis=axis, momentum=0.6, unbiased_variance=unbiased_variance, fused=fused,
-            dtype=dtype, scale=scale, center=center,
+            axis=axis,
+            momentum=0.6,
+            unbiased_variance=unbiased_variance,
+            fused=fused,
+            dtype=dtype,
+            scale=scale,
+            center=center,
         )
         layer.build(shape)
         layer.set_weights([w + 0.5 for w in layer.get_weights()])
         results.append(run_training_step(layer, x, dy))
-    assert len(fused_calls) == 1, "fused=None must take the fused kernel when the channel axis is 1 or last"
+    assert len(fused_calls) == 1, (
+        "fused=None must take the fused kernel when the channel axis is 1 or last"
+    )
     tolerance = 1e-4 if dtype == "float32" else 2e-2
     for fused_value, generic_value in zip(*results):
         np.testing.assert_allclose(fused_value, generic_value, rtol=tolerance, atol=tolerance)
@@ -70,8 +87,13 @@ def test_fused_path_is_taken_inside_a_compiled_model(fused_calls):
     import keras
 
     model = keras.Sequential(
-        [keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3), keras_bn.BatchNormalization(),
-         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)]
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3),
+            keras_bn.BatchNormalization(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile("sgd", "mse", jit_compile=True)
     model.fit(np.ones((8, 6, 6, 2)), np.ones((8, 1)), epochs=1, verbose=0)
@@ -130,18 +152,24 @@ SYNCHRONIZED_SCRIPT = textwrap.dedent(
 def test_synchronized_statistics_equal_a_single_device_run_on_the_whole_batch():
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     completed = subprocess.run(
-        [sys.executable, "-c", SYNCHRONIZED_SCRIPT], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", SYNCHRONIZED_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=300,
     )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, completed.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT"):])
+    result = json.loads(lines[0][len("RESULT") :])
     assert result["replicas"] == 2
     synchronized = result["True"]
-    np.testing.assert_allclose(synchronized["moving_mean"], synchronized["expected_mean"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        synchronized["moving_mean"], synchronized["expected_mean"], rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(
         synchronized["moving_variance"], synchronized["expected_variance"], rtol=1e-4, atol=1e-5
     )
-    # Without synchronization each replica normalizes its own half: the variance is not the global one.
+    # Without synchronization each replica normalizes its own half: the variance is not the
+    # global one.
     local = result["False"]
     assert not np.allclose(local["moving_variance"], local["expected_variance"], rtol=1e-2)
