@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from export.freezing import freeze
-from export.graph_passes import optimize
+from export.graph_passes import optimize, store_weights_as_float16
 from keras_bn import _keras_internals, verification
 from keras_bn.verification import VerificationError
 
@@ -170,7 +170,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     proto = _convert(frozen, inputs, output_names, opset, nchw)
     graph_passes = optimize(proto)
     if float16_weights:
-        _store_weights_as_float16(proto)
+        store_weights_as_float16(proto)
     _check_graph(proto)
     data = proto.SerializeToString()
 
@@ -432,33 +432,6 @@ def _is_onnx_op(op_type, opset):
     except Exception:  # onnx raises SchemaError for an unknown operator
         return False
     return True
-
-
-def _store_weights_as_float16(proto):
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = proto.graph
-    casts = []
-    for index, initializer in enumerate(list(graph.initializer)):
-        if initializer.data_type != TensorProto.FLOAT:
-            continue
-        weights = numpy_helper.to_array(initializer)
-        if weights.size < 2:  # scalars (epsilons, clip bounds) stay float32
-            continue
-        largest = float(np.max(np.abs(weights)))
-        if largest > np.finfo(np.float16).max:
-            raise ValueError(
-                f"float16_weights: weight '{initializer.name}' holds {largest:.3g}, beyond "
-                "float16's range (65504); export without float16_weights"
-            )
-        name = initializer.name
-        half = numpy_helper.from_array(weights.astype(np.float16), f"{name}_float16")
-        graph.initializer[index].CopyFrom(half)
-        casts.append(helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT,
-                                      name=f"{name}_cast"))
-    nodes = casts + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def _check_graph(proto):
