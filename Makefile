@@ -13,19 +13,19 @@ $(PY): setup.cfg pyproject.toml
 	touch $(PY)
 
 demo: $(PY)
-	$(PY) examples/demo.py
+	$(PY) -m examples.demo
 
 test: $(PY)
 	$(PY) -m pytest -n 2 -q tests
 
-# Speed figures (a few minutes each); benchmarks/steps_to_accuracy.py is the long one, run it apart.
+# Speed figures (a few minutes each); benchmarks.steps_to_accuracy is the long one, run it apart.
 bench: $(PY)
-	KERAS_BACKEND=tensorflow $(PY) benchmarks/layer_speed.py
-	KERAS_BACKEND=jax $(PY) benchmarks/layer_speed.py
-	KERAS_BACKEND=tensorflow $(PY) benchmarks/training_speed.py
-	KERAS_BACKEND=jax $(PY) benchmarks/training_speed.py
-	KERAS_BACKEND=tensorflow $(PY) benchmarks/fold.py
-	KERAS_BACKEND=tensorflow $(PY) benchmarks/export.py
+	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.layer_speed
+	KERAS_BACKEND=jax $(PY) -m benchmarks.layer_speed
+	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.training_speed
+	KERAS_BACKEND=jax $(PY) -m benchmarks.training_speed
+	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.fold
+	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.export
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_output

@@ -6,37 +6,36 @@ onnxruntime latency at batch 1 and 32, plus batch 1 with onnxruntime's graph opt
 a runtime without its fusions would run the file); same process, the two graphs timed alternately,
 median of the repeats. Writes benchmarks/results/export.json.
 
-    python benchmarks/export.py [--input-size 224] [--repeats 15] [--threads 1] [--output PATH]
+    python -m benchmarks.export [--input-size 224] [--repeats 15] [--threads 1] [--output PATH]
+
+Run from the repository root (TensorFlow backend, whatever KERAS_BACKEND says: tf2onnx needs it).
 """
 
 import os
-import sys
 
-# This file is named export.py: drop its own folder from the import path so that `import export`
-# finds the package, not this script.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+# Read once, when Keras and TensorFlow start: set before they are imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import collections
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf2onnx  # noqa: E402
+import keras
+import numpy as np
+import onnx
+import onnxruntime
+import tensorflow as tf
+import tf2onnx
 
-import export  # noqa: E402
+import export
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("ResNet50", "MobileNetV2")
 BATCH_SIZES = (1, 32)
 NORMALIZATION_OPS = ("BatchNormalization", "Sub", "Div", "Sqrt", "Rsqrt", "Reciprocal")

@@ -7,22 +7,26 @@ times as many at batch 1, which is cheap and noisier; the two models alternate s
 machine slows both alike). The classifier has no softmax, so that verification compares logits.
 Writes benchmarks/results/fold.json.
 
-    python benchmarks/fold.py [--repeats 7] [--image-size 224] [--output PATH]
+    python -m benchmarks.fold [--repeats 7] [--image-size 224] [--output PATH]
+
+Run from the repository root.
 """
+
+import os
+
+# Read once, when TensorFlow starts: set before it is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import keras_bn  # noqa: E402
+import keras_bn
 
 MODELS = ("ResNet50", "MobileNetV2")
 BATCH_SIZES = (1, 32)
@@ -32,7 +36,7 @@ WARM_UP = 2
 def randomize_statistics(model, seed=0):
     """BN statistics far from their initial 1 and 0, so that folding has work to do."""
     rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in model.layers:  # keras.applications models hold no nested models
         if isinstance(layer, keras.layers.BatchNormalization):
             channels = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(0.0, 0.1, channels))
@@ -40,13 +44,12 @@ def randomize_statistics(model, seed=0):
 
 
 def time_fold(model, repeats):
-    """Median seconds of fold_batchnorm with verify=True and with verify=False; the last fold."""
+    """Median seconds of fold_batchnorm with verify=True and with verify=False; a verified fold."""
     timings = {True: [], False: []}
-    folded = None
     for _ in range(repeats):
         for verify in (True, False):
             start = time.perf_counter()
-            folded = keras_bn.fold_batchnorm(model, verify=verify)
+            keras_bn.fold_batchnorm(model, verify=verify)
             timings[verify].append(time.perf_counter() - start)
     verified = keras_bn.fold_batchnorm(model, verify=True)
     return statistics.median(timings[True]), statistics.median(timings[False]), verified
@@ -109,7 +112,8 @@ def main():
     )
     args = parser.parse_args()
     if args.repeats < 5:
-        parser.error(f"--repeats must be at least 5 (medians of >= 5 runs). Received: {args.repeats}")
+        parser.error("--repeats must be at least 5 (medians of >= 5 runs). "
+                     f"Received: {args.repeats}")
     results = {
         "backend": keras.backend.backend(),
         "keras": keras.__version__,

@@ -3,38 +3,38 @@
 Two parts, each merged into `--output-dir`/gpu.json under its own key:
 
     throughput  images/s of BN-Inception training steps (alpha 1, 224x224x3, 1000 classes,
-                synthetic data, model.fit), with our BN layer and with keras.layers.BatchNormalization
-                in the same process, in float32 and mixed_bfloat16. Medians of --repeats epochs of
-                --steps batches after a warm-up epoch that compiles.
-    figure3     the Figure 3 protocol of examples/train_inception.py (baseline lr grid, baseline's
+                synthetic data, model.fit), with our BN layer and with
+                keras.layers.BatchNormalization in the same process, in float32 and
+                mixed_bfloat16. Medians of --repeats epochs of --steps batches after a warm-up
+                epoch that compiles.
+    figure3     the Figure 3 protocol of examples.train_inception (baseline lr grid, baseline's
                 best accuracy as the target, every variant's steps to reach it) on digits upscaled
                 to --image-size, at --alpha; its JSON, PNG and markdown go to --output-dir too.
-                Every other option goes to examples/train_inception.py (see its --help):
+                Every other option goes to examples.train_inception (see its --help):
                 --seeds, --variants, --variant-steps, --checkpoint, --quick, --verbose...
 
-Meant for KERAS_BACKEND=jax on a GPU (it runs anywhere, slowly):
+Meant for KERAS_BACKEND=jax on a GPU (it runs anywhere, slowly); run from the repository root:
 
-    KERAS_BACKEND=jax python benchmarks/gpu.py throughput --output-dir /tmp/gpu
-    KERAS_BACKEND=jax python benchmarks/gpu.py figure3 --output-dir /tmp/gpu --alpha 0.25 \
+    KERAS_BACKEND=jax python -m benchmarks.gpu throughput --output-dir /tmp/gpu
+    KERAS_BACKEND=jax python -m benchmarks.gpu figure3 --output-dir /tmp/gpu --alpha 0.25 \
         --checkpoint /tmp/gpu/figure3_runs.json     # rerun the same line to resume
 """
 import os
-import sys
 
+# Read once, when TensorFlow starts: set before it is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import time
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import keras_bn  # noqa: E402
-from examples import cli, models, reporting, training  # noqa: E402
+import keras_bn
+from examples import cli, devices, models, reporting
 
 LAYERS = {"keras_bn": keras_bn.BatchNormalization, "keras": keras.layers.BatchNormalization}
 
@@ -54,8 +54,9 @@ class _SameBatch(keras.utils.PyDataset):
 
 
 def device_description():
-    return {"backend": keras.backend.backend(), "devices": training.local_devices(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "keras": keras.__version__}
+    return {"backend": keras.backend.backend(), "devices": devices.local_devices(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "keras": keras.__version__}
 
 
 def throughput(args):
@@ -113,7 +114,7 @@ def throughput(args):
 
 
 def figure3(args, train_inception_args):
-    """The Figure 3 protocol of examples/train_inception.py at a larger scale; the options this
+    """The Figure 3 protocol of examples.train_inception at a larger scale; the options this
     script does not know (--seeds, --variants, --checkpoint, --quick...) go to train_inception."""
     from examples import train_inception
 

@@ -1,4 +1,4 @@
-"""Training step and inference time of keras_bn.BatchNormalization vs keras.layers.BatchNormalization.
+"""Training step and inference time: keras_bn.BatchNormalization vs keras.layers.BatchNormalization.
 
 Both layers run in the same process, on the same inputs, compiled the same way (a `tf.function`
 on TensorFlow, with and without XLA; `jax.jit` on JAX). A training step is the forward pass, the
@@ -13,29 +13,29 @@ into the same element-wise code, so the ratio there is about 1. In graph mode th
 `FusedBatchNormV3` training step is timed alongside (`fused_kernel_train_ms`): the floor of our
 layer's step there.
 
-    KERAS_BACKEND=tensorflow python benchmarks/layer_speed.py
-    KERAS_BACKEND=jax python benchmarks/layer_speed.py
+    KERAS_BACKEND=tensorflow python -m benchmarks.layer_speed
+    KERAS_BACKEND=jax python -m benchmarks.layer_speed
 
-Results are merged into benchmarks/results/layer_speed.json under the backend's name.
+Run from the repository root. Results are merged into benchmarks/results/layer_speed.json under
+the backend's name.
 """
 
-import argparse
 import os
+
+# Read once, when TensorFlow starts: set before it is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import keras_bn  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
-from examples import reporting  # noqa: E402
+import keras_bn
+from examples import reporting
 
 SHAPES = [(64, 32, 32, 64), (32, 56, 56, 128), (256, 1024)]
 RESULTS = Path(__file__).parent / "results" / "layer_speed.json"
@@ -135,7 +135,8 @@ def measure(shape, mode, iterations, repeats):
     x = rng.normal(1.0, 2.0, shape).astype("float32")
     dy = rng.normal(0.0, 1.0, shape).astype("float32")  # the upstream gradient
     steps = {}
-    for name, cls in (("keras", keras.layers.BatchNormalization), ("keras_bn", keras_bn.BatchNormalization)):
+    layers = (("keras", keras.layers.BatchNormalization), ("keras_bn", keras_bn.BatchNormalization))
+    for name, cls in layers:
         layer = cls()
         layer.build(shape)
         if mode == "jit":
@@ -158,7 +159,8 @@ def measure(shape, mode, iterations, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=10, help="calls per repetition")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions; the median is kept")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -167,7 +169,8 @@ def main():
     backend = keras.backend.backend()
     modes = {"tensorflow": ["graph", "xla"], "jax": ["jit"]}.get(backend)
     if modes is None:
-        raise SystemExit(f"layer_speed.py measures the tensorflow and jax backends, not {backend!r}")
+        raise SystemExit(
+            f"benchmarks.layer_speed measures the tensorflow and jax backends, not {backend!r}")
     rows = []
     print(f"backend={backend}  median of {args.repeats} x {args.iterations} calls, ms per call")
     print(f"{'shape':>20} {'mode':>5} | {'train: keras':>12} {'ours':>8} {'ratio':>6} | "

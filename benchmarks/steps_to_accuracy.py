@@ -1,4 +1,4 @@
-"""Steps to accuracy (the paper's Figure 3 protocol) for the Figure 1 network and small BN-Inception.
+"""Steps to accuracy (the paper's Figure 3 protocol): the Figure 1 network, small BN-Inception.
 
 For each network on scikit-learn's digits, with 3 seeds: the baseline's learning rate is the best
 of a grid that extends upward until the baseline degrades or diverges (the chosen rate is never the
@@ -11,26 +11,27 @@ benchmarks/results/steps_to_accuracy.json (per network and variant: steps median
 `ratio` = baseline steps / variant steps, `wall_clock_ratio`), steps_to_accuracy.md and the
 accuracy-vs-steps plots figure2_mlp_digits.png and figure2_inception_digits.png.
 
-    .venv/bin/python benchmarks/steps_to_accuracy.py            # ~15 minutes on 2 CPU cores (JAX)
-    .venv/bin/python benchmarks/steps_to_accuracy.py --quick --output-dir /tmp/sta
+    .venv/bin/python -m benchmarks.steps_to_accuracy            # ~15 minutes on 2 CPU cores (JAX)
+    .venv/bin/python -m benchmarks.steps_to_accuracy --quick --output-dir /tmp/sta
+
+Run from the repository root.
 """
 import os
-import sys
 
+# Read once, when Keras and TensorFlow start: set before they are imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # JAX by default: on this 2-core CPU it trains these small networks fastest (BN-Inception 29 ms per
 # step vs TensorFlow's 40-52 ms, the MLP 0.4 ms vs 3-5 ms). KERAS_BACKEND=tensorflow also works.
 os.environ.setdefault("KERAS_BACKEND", "jax")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import contextlib  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import contextlib
+import platform
+import shutil
+import tempfile
+import time
 
-from examples import cli, reporting, training  # noqa: E402
-from examples.data import load_dataset  # noqa: E402
+from examples import cli, devices, protocol, reporting, training, variants
+from examples.data import load_dataset
 
 # Budgets long enough for each baseline to plateau on digits (see the README's measurements).
 # BN-Baseline keeps the baseline's learning rate and decay, so it gets the baseline's budget; the
@@ -41,6 +42,8 @@ NETWORKS = {
     "inception": dict(batch_size=32, steps=1000, learning_rate=0.01,
                       variant_steps={"BN-Baseline": 1000, "BN-x5": 500, "BN-x30": 500}),
 }
+NETWORK_TITLES = {"mlp": "Figure 1 network (3 x Dense(100, sigmoid))",
+                  "inception": "Small BN-Inception"}
 QUICK = {
     "mlp": dict(batch_size=60, steps=30, variant_steps=20, learning_rate=0.1),
     "inception": dict(batch_size=32, steps=6, variant_steps=4, learning_rate=0.01),
@@ -87,22 +90,22 @@ def run_network(family, args, seeds):
         run_eagerly=training.quick_runs_eagerly(args.quick),
         final_population=not args.quick,
     )
-    with training.data_parallel_scope(args.data_parallel):
-        result = training.steps_to_accuracy(
+    with devices.data_parallel_scope(args.data_parallel):
+        result = protocol.steps_to_accuracy(
             data,
             config,
             seeds=seeds,
-            variants=args.variants or (training.BASELINE[family], "BN-Baseline", "BN-x5",
+            variants=args.variants or (variants.BASELINE[family], "BN-Baseline", "BN-x5",
                                        "BN-x30"),
-            lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
+            # quick: code paths only, no grid
+            grid=protocol.LearningRateGrid(max_rates=1 if args.quick else 8),
             variant_steps=s["variant_steps"],
             verbose=args.verbose,
         )
     stem = f"{family}_{data.name}"
     reporting.plot_accuracy_curves(
         result, os.path.join(args.output_dir, f"figure2_{stem}.png"),
-        f"{'Figure 1 network (3 x Dense(100, sigmoid))' if family == 'mlp' else 'Small BN-Inception'}"
-        f" on {data.name}: median of {len(seeds)} seeds",
+        f"{NETWORK_TITLES[family]} on {data.name}: median of {len(seeds)} seeds",
     )
     reporting.write_json(os.path.join(args.output_dir, f"steps_to_accuracy_{stem}.json"), result)
     return result
@@ -115,7 +118,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=None,
                         help="variants (default: the baseline - 'Inception' or 'Baseline' for the "
                              "MNIST network - BN-Baseline, BN-x5, BN-x30; BN-x5-Sigmoid is in "
-                             "examples/train_inception.py)")
+                             "examples.train_inception)")
     args = parser.parse_args(argv)
     cli.apply_runtime_options(args)
     seeds = args.seeds or [0, 1, 2]
@@ -129,8 +132,9 @@ def main(argv=None):
     import keras
 
     payload = {
-        "protocol": "Figure 3: baseline lr = best of an upward-extending grid; baseline budget fixed; "
-        "target = baseline's best test accuracy per seed; steps of first evaluation >= target",
+        "protocol": "Figure 3: baseline lr = best of an upward-extending grid; baseline budget "
+        "fixed; target = baseline's best test accuracy per seed; steps of first evaluation >= "
+        "target",
         "backend": keras.backend.backend(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared while measured)",
         "total_seconds": time.perf_counter() - start,

@@ -6,28 +6,28 @@ process, compiled with `jit_compile=True` (what `fit` picks by default on Tensor
 on TensorFlow, `jit_compile=False` (plain graph, where our layer runs the fused kernel). Each figure
 is the median over `--repeats` epochs of `--examples` random images, after one warm-up epoch.
 
-    KERAS_BACKEND=tensorflow python benchmarks/training_speed.py
-    KERAS_BACKEND=jax python benchmarks/training_speed.py
+    KERAS_BACKEND=tensorflow python -m benchmarks.training_speed
+    KERAS_BACKEND=jax python -m benchmarks.training_speed
 
-Results are merged into benchmarks/results/training_speed.json under the backend's name.
+Run from the repository root. Results are merged into benchmarks/results/training_speed.json under
+the backend's name.
 """
 
-import argparse
 import os
+
+# Read once, when TensorFlow starts: set before it is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import keras_bn  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's examples/
-from examples import reporting  # noqa: E402
+import keras_bn
+from examples import reporting
 
 RESULTS = Path(__file__).parent / "results" / "training_speed.json"
 
@@ -63,7 +63,8 @@ def images_per_second(batch_normalization, jit_compile, x, y, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=512, help="images per epoch")
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs; the median is kept")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -78,8 +79,10 @@ def main():
     print(f"backend={backend}, images/s, median of {args.repeats} epochs of {args.examples} images")
     for jit_compile in modes:
         row = {"jit_compile": jit_compile}
-        for name, layer in (("keras", keras.layers.BatchNormalization), ("keras_bn", keras_bn.BatchNormalization)):
-            row[f"{name}_images_per_second"] = images_per_second(layer, jit_compile, x, y, args.repeats)
+        for name, layer in (("keras", keras.layers.BatchNormalization),
+                            ("keras_bn", keras_bn.BatchNormalization)):
+            row[f"{name}_images_per_second"] = images_per_second(layer, jit_compile, x, y,
+                                                                 args.repeats)
         row["speedup"] = row["keras_bn_images_per_second"] / row["keras_images_per_second"]
         rows.append(row)
         print(f"jit_compile={jit_compile!s:5}  keras {row['keras_images_per_second']:7.0f}  "

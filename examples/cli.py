@@ -12,7 +12,8 @@ def add_common_arguments(parser):
                         help="'digits' (scikit-learn, default), an MNIST .npz, a CIFAR-10 python "
                              "batch folder or an ImageNet-style folder (train/, val/)")
     parser.add_argument("--output-dir", default=DEFAULT_RESULTS,
-                        help="where JSON, PNG and markdown results go (default: benchmarks/results)")
+                        help="where JSON, PNG and markdown results go "
+                             "(default: benchmarks/results)")
     parser.add_argument("--quick", action="store_true",
                         help="a few steps of everything, for tests and smoke checks")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="random seeds")

@@ -50,7 +50,8 @@ def _mnist_npz(path):
                 f"{path} is not an MNIST .npz: it lacks {sorted(missing)}. Expected the arrays "
                 f"x_train, y_train, x_test, y_test (Keras's mnist.npz); found {sorted(f.files)}."
             )
-        x_train, y_train, x_test, y_test = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        x_train, y_train, x_test, y_test = (
+            f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
     scale = 255.0 if x_train.max() > 1 else 1.0
 
     def images(x):
@@ -83,7 +84,8 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 def _image_folder(path, image_size):
     import keras
 
-    split_names = [s for s in ("train", "val", "validation", "test") if os.path.isdir(os.path.join(path, s))]
+    split_names = [s for s in ("train", "val", "validation", "test")
+                   if os.path.isdir(os.path.join(path, s))]
     if "train" not in split_names or len(split_names) < 2:
         raise ValueError(
             f"{path} is not an ImageNet-style folder: expected train/<class>/ and val/<class>/ "

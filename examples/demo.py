@@ -1,4 +1,4 @@
-"""The whole pipeline on scikit-learn's bundled digits, in a few minutes on a laptop CPU (`make demo`).
+"""The whole pipeline on scikit-learn's bundled digits, in minutes on a laptop CPU (`make demo`).
 
 1. Train a small BN-Inception (BN-x5) and its Inception baseline (no BN) with the Figure 3
    protocol: the baseline's learning rate from a grid, its best test accuracy as the target, and
@@ -10,22 +10,24 @@
 5. Print the latency of the unfolded and folded Keras models and of the ONNX graph.
 
 Leaves the ONNX file, the plot, the table and a JSON summary in --output-dir (default
-demo_output/). TensorFlow backend (the ONNX export goes through tf2onnx).
+demo_output/). TensorFlow backend (the ONNX export goes through tf2onnx). From the repository root:
+
+    .venv/bin/python -m examples.demo                  # what `make demo` runs
+    .venv/bin/python -m examples.demo --quick --output-dir /tmp/demo
 """
 import os
-import sys
 
+# Read once, when Keras and TensorFlow start: set before they are imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from examples import cli, models, reporting, training  # noqa: E402
-from examples.data import load_dataset  # noqa: E402
+from examples import cli, models, protocol, reporting, training
+from examples.data import load_dataset
 
 DEFAULT_OUTPUT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo_output"
@@ -102,15 +104,15 @@ def main(argv=None):
 
     print(f"== 1. Steps to accuracy: BN-x5 vs Inception on digits ({len(data.x_train)} training "
           f"images), baseline lr from a grid")
-    result, trained = training.steps_to_accuracy(
+    result, trained = protocol.steps_to_accuracy_with_models(
         data,
         config,
         variants=("Inception", "BN-x5"),
         seeds=(0,),
-        lr_grid_max=1 if args.quick else 5,  # quick: code paths only, no grid
+        # quick: code paths only, no grid
+        grid=protocol.LearningRateGrid(max_rates=1 if args.quick else 5),
         variant_steps=variant_steps,
         verbose=args.verbose,
-        return_models=True,
     )
     table = reporting.steps_table(result)
     print(table)
@@ -141,7 +143,7 @@ def main(argv=None):
     print(exported.summary())
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     onnx_probabilities = session.run(None, {session.get_inputs()[0].name: data.x_test})[0]
-    keras_probabilities = model.predict(data.x_test, batch_size=256, verbose=0)
+    keras_probabilities = training.predict(model, data.x_test)
     onnx_accuracy = float(np.mean(np.argmax(onnx_probabilities, -1) == data.y_test))
     test_error = float(np.max(np.abs(onnx_probabilities - keras_probabilities)))
     print(f"onnxruntime on the {len(data.x_test)} test digits: accuracy {onnx_accuracy:.2%} "

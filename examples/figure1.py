@@ -4,25 +4,24 @@
 of the input to one sigmoid of the last hidden layer, without BN (b, drifting) and with BN (c,
 stable). Data: an MNIST `.npz` given with --data, else scikit-learn's bundled 8x8 digits.
 
-    .venv/bin/python examples/figure1.py                    # digits, writes benchmarks/results/
-    .venv/bin/python examples/figure1.py --data mnist.npz --steps 50000
-    .venv/bin/python examples/figure1.py --quick --output-dir /tmp/fig1
+    .venv/bin/python -m examples.figure1                    # digits, writes benchmarks/results/
+    .venv/bin/python -m examples.figure1 --data mnist.npz --steps 50000
+    .venv/bin/python -m examples.figure1 --quick --output-dir /tmp/fig1
 
-Writes figure1.json, figure1.png and figure1.md in --output-dir.
+Run from the repository root. Writes figure1.json, figure1.png and figure1.md in --output-dir.
 """
 import os
-import sys
 
+# Read once, when TensorFlow starts: set before it is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataclasses  # noqa: E402
+import dataclasses
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from examples import cli, reporting, training  # noqa: E402
-from examples.data import load_dataset  # noqa: E402
-from examples.models import sigmoid_input_layer  # noqa: E402
+from examples import cli, devices, reporting, training, variants
+from examples.data import load_dataset
+from examples.models import sigmoid_input_layer
 
 PERCENTILES = (15, 50, 85)
 
@@ -45,7 +44,7 @@ def run_figure1(data, config, unit=0, seed=0, verbose=1):
     """Train the network with and without BN at the same learning rate; return both histories."""
     results = {}
     for label, variant in (("without BN", "Baseline"), ("with BN", "BN-Baseline")):
-        model = training.build_variant(variant, config, data.input_shape, data.classes, seed=seed)
+        model = variants.build_variant(variant, config, data.input_shape, data.classes, seed=seed)
         history = training.train_and_track(
             model,
             data,
@@ -86,7 +85,8 @@ def plot_figure1(results, path, title):
 
 def markdown(results, config):
     lines = [
-        "| network | best test accuracy | final (moving averages) | final (population statistics) |",
+        "| network | best test accuracy | final (moving averages) "
+        "| final (population statistics) |",
         "|---|---|---|---|",
     ]
     for label, h in results.items():
@@ -122,8 +122,8 @@ def main(argv=None):
         data_parallel=args.data_parallel,
     )
     seed = (args.seeds or [0])[0]
-    with training.data_parallel_scope(args.data_parallel):
-        replicas = training.replica_count()
+    with devices.data_parallel_scope(args.data_parallel):
+        replicas = devices.replica_count()
         results = run_figure1(data, config, unit=args.unit, seed=seed, verbose=args.verbose)
     out = args.output_dir
     payload = {"data": data.name, "config": dataclasses.asdict(config), "unit": args.unit,

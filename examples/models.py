@@ -315,7 +315,7 @@ def bn_inception(
         bn_layer: the BN layer class; `keras.layers.BatchNormalization` builds the same network
             with Keras's layer, for speed comparisons.
         softmax: end in a softmax (class probabilities); False gives logits, for training with
-            `from_logits=True` (see `examples.training.build_variant`).
+            `from_logits=True` (see `examples.variants.build_variant`).
 
     Returns:
         A functional `keras.Model` from images to class probabilities (float32 softmax), or to
@@ -414,8 +414,8 @@ def mnist_mlp(
 
     Weights start from small Gaussian values (`init_stddev`; the paper gives no scale). With
     `batch_norm=True` every hidden layer is `Dense (no bias) -> BN -> sigmoid`, BN on `Wu` right
-    before the nonlinearity (Sec. 3.2). The input of the last hidden layer's sigmoids (Figure 1 b, c)
-    is the output of the layer named `hidden3_bn` (BN) or `hidden3_dense` (no BN); see
+    before the nonlinearity (Sec. 3.2). The input of the last hidden layer's sigmoids (Figure 1 b,
+    c) is the output of the layer named `hidden3_bn` (BN) or `hidden3_dense` (no BN); see
     `sigmoid_input_layer`.
 
     Args:
@@ -469,7 +469,7 @@ def with_softmax(model):
 
 
 def sigmoid_input_layer(model):
-    """The layer whose output is the input of the last hidden layer's nonlinearity (Figure 1 b, c)."""
+    """The layer whose output is the input of the last hidden layer's nonlinearity (Fig. 1 b, c)."""
     activations = [layer for layer in model.layers if layer.name.endswith("_act")]
     if not activations:
         raise ValueError(f"Model {model.name!r} has no layer named '*_act'.")

@@ -93,11 +93,13 @@ def _fmt_steps(value):
 
 
 def _fmt_ratio(value):
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}x"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}x"
 
 
 def without_histories(result):
-    """A `training.steps_to_accuracy` result without the per-evaluation histories (those stay in
+    """A `protocol.steps_to_accuracy` result without the per-evaluation histories (those stay in
     the full JSON): the summary that aggregate files keep."""
     out = {k: v for k, v in result.items() if k != "variants"}
     out["variants"] = {

@@ -2,33 +2,34 @@
 
 Trains the variants of Sec. 4.2.1 - Inception (no BN, dropout 40%, LRN, L2), BN-Baseline, BN-x5,
 BN-x30, BN-x5-Sigmoid (lr x1/x5/x30, no dropout, L2/5, lr decay 6x faster, no LRN, reshuffling every
-epoch) - with momentum SGD, following the Figure 3 protocol of `examples.training.steps_to_accuracy`
+epoch) - with momentum SGD, following the Figure 3 protocol of `examples.protocol.steps_to_accuracy`
 (the baseline's learning rate is the best of a grid that extends until it degrades; its best test
 accuracy is the target). Data: scikit-learn digits by default (8x8, the "digits" stem), CIFAR-10
 python batches or an ImageNet-style folder from a local path.
 
-    .venv/bin/python examples/train_inception.py                       # digits, alpha 0.125
-    .venv/bin/python examples/train_inception.py --data ~/cifar-10-batches-py --alpha 0.25
-    .venv/bin/python examples/train_inception.py --quick --output-dir /tmp/fig23
-    KERAS_BACKEND=jax .venv/bin/python examples/train_inception.py --throughput --alpha 1 \\
+    .venv/bin/python -m examples.train_inception                       # digits, alpha 0.125
+    .venv/bin/python -m examples.train_inception --data ~/cifar-10-batches-py --alpha 0.25
+    .venv/bin/python -m examples.train_inception --quick --output-dir /tmp/fig23
+    .venv/bin/python -m examples.train_inception --checkpoint /tmp/runs.json   # rerun to resume
+    KERAS_BACKEND=jax .venv/bin/python -m examples.train_inception --throughput --alpha 1 \\
         --image-size 224 --mixed-precision mixed_bfloat16 --data-parallel
 
-Writes train_inception_<data>.json, figure2_train_inception_<data>.png (accuracy vs steps of every
-variant) and figure3_train_inception_<data>.md (steps to the baseline's best accuracy, max accuracy) in
---output-dir; --throughput writes throughput.json (images/s on synthetic data) instead.
+Run from the repository root. Writes train_inception_<data>.json, figure2_train_inception_<data>.png
+(accuracy vs steps of every variant) and figure3_train_inception_<data>.md (steps to the baseline's
+best accuracy, max accuracy) in --output-dir; --throughput writes throughput.json (images/s on
+synthetic data) instead.
 """
 import os
-import sys
 
+# Read once, when TensorFlow starts: set before it is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import time  # noqa: E402
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from examples import cli, reporting, training  # noqa: E402
-from examples.data import load_dataset  # noqa: E402
+from examples import cli, devices, protocol, reporting, training, variants
+from examples.data import load_dataset
 
 
 def write_results(result, output_dir, stem, title=None):
@@ -49,12 +50,12 @@ def measure_throughput(args):
     size = args.image_size or 224
     batch = args.batch_size or 32
     steps = 5 if args.quick else args.throughput_steps
-    with training.data_parallel_scope(args.data_parallel):
-        replicas = training.replica_count()
+    with devices.data_parallel_scope(args.data_parallel):
+        replicas = devices.replica_count()
         global_batch = batch * replicas
         model = models.bn_inception(
             input_shape=(size, size, 3), classes=1000, alpha=args.alpha,
-            synchronized=training.synchronized_batch_norm(args.data_parallel),
+            synchronized=devices.synchronized_batch_norm(args.data_parallel),
         )
         model.compile(
             optimizer=keras.optimizers.SGD(0.045, momentum=0.9),
@@ -72,7 +73,7 @@ def measure_throughput(args):
         seconds = time.perf_counter() - start
     result = {
         "backend": keras.backend.backend(),
-        "devices": training.local_devices(),
+        "devices": devices.local_devices(),
         "replicas": replicas,
         "mixed_precision": args.mixed_precision,
         "alpha": args.alpha,
@@ -104,11 +105,13 @@ def main(argv=None):
                         help="first rate of the baseline's learning-rate grid")
     parser.add_argument("--grid-factor", type=float, default=3.0,
                         help="ratio between consecutive rates of the grid")
-    parser.add_argument("--variants", nargs="+", default=list(training.FAMILY_VARIANTS["inception"]),
-                        choices=list(training.VARIANTS), help="variants to train")
+    parser.add_argument("--variants", nargs="+",
+                        default=list(variants.FAMILY_VARIANTS["inception"]),
+                        choices=list(variants.VARIANTS), help="variants to train")
     parser.add_argument("--checkpoint", default=None,
-                        help="JSON file recording each finished training run; a rerun with the same "
-                             "file reads those back and resumes the protocol where it stopped")
+                        help="JSON file recording each finished training run; a rerun with the "
+                             "same file reads those back and resumes the protocol where it "
+                             "stopped")
     parser.add_argument("--throughput", action="store_true",
                         help="only measure training images/s on synthetic data")
     parser.add_argument("--throughput-steps", type=int, default=50)
@@ -135,14 +138,15 @@ def main(argv=None):
         final_population=not args.quick,
     )
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    with training.data_parallel_scope(args.data_parallel):
-        result = training.steps_to_accuracy(
+    with devices.data_parallel_scope(args.data_parallel):
+        result = protocol.steps_to_accuracy(
             data,
             config,
             variants=args.variants,
             seeds=seeds,
-            lr_grid_factor=args.grid_factor,
-            lr_grid_max=1 if args.quick else 8,  # quick: code paths only, no grid
+            # quick: code paths only, no grid
+            grid=protocol.LearningRateGrid(factor=args.grid_factor,
+                                           max_rates=1 if args.quick else 8),
             variant_steps=args.variant_steps,
             verbose=args.verbose,
             checkpoint=args.checkpoint,

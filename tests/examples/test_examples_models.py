@@ -5,6 +5,7 @@ import pytest
 
 import keras_bn
 from examples import models
+from keras_bn._keras_internals import graph_calls, producer
 
 # Structure tests need no random weights: "zeros" skips the per-shape random-number kernels that
 # JAX compiles on first use (tens of seconds for the ~70 kernel shapes of a new network).
@@ -12,14 +13,20 @@ FAST = dict(kernel_initializer="zeros")
 
 
 def _bn_inputs(model):
-    """(BN layer, the layer feeding it, the layer it feeds) for every BN of a functional model."""
+    """(BN layer, the layer feeding it, the layers it feeds) for every BN of a functional model."""
+    calls = graph_calls(model)
     triples = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            before = layer._inbound_nodes[0].parent_nodes[0].operation
-            after = [node.operation for node in layer._outbound_nodes]
-            triples.append((layer, before, after))
+    for call in calls:
+        if isinstance(call.operation, keras.layers.BatchNormalization):
+            (output,) = call.output_tensors
+            after = [c.operation for c in calls if any(t is output for t in c.input_tensors)]
+            triples.append((call.operation, producer(call.input_tensors[0]), after))
     return triples
+
+
+def _parents(layer):
+    """The layers whose outputs `layer` was called on, in order."""
+    return [producer(tensor) for tensor in layer.input]
 
 
 def test_bn_inception_full_size_parameters_and_shapes(caplog):
@@ -50,7 +57,8 @@ def test_pool_projection_96_reproduces_tf_slim_widths():
 def test_stems_choose_stage_sizes(input_shape, stem, stages):
     model = models.bn_inception(input_shape=input_shape, classes=7, alpha=0.125, **FAST)
     assert model.output_shape == (None, 7)
-    sizes = tuple(model.get_layer(f"inception_{m}_concat").output.shape[1] for m in ("3b", "4d", "5b"))
+    sizes = tuple(model.get_layer(f"inception_{m}_concat").output.shape[1]
+                  for m in ("3b", "4d", "5b"))
     assert sizes == stages
     names = {layer.name for layer in model.layers}
     assert ("stem_pool" in names) == (stem == "cifar")
@@ -76,9 +84,9 @@ def test_conv_bn_relu_placement_and_no_bias():
         assert len(after) == 1 and isinstance(after[0], keras.layers.Activation)
         assert after[0].get_config()["activation"] == "relu"
     # Concatenation after the nonlinearity; no dropout or LRN in BN-x form.
-    parents = [n.operation for n in model.get_layer("inception_3a_concat")._inbound_nodes[0].parent_nodes]
+    parents = _parents(model.get_layer("inception_3a_concat"))
     assert len(parents) == 4 and all(isinstance(p, keras.layers.Activation) for p in parents)
-    parents = [n.operation for n in model.get_layer("inception_3c_concat")._inbound_nodes[0].parent_nodes]
+    parents = _parents(model.get_layer("inception_3c_concat"))
     assert [type(p).__name__ for p in parents] == ["Activation", "Activation", "MaxPooling2D"]
     assert not any(isinstance(layer, (keras.layers.Dropout, models.LocalResponseNormalization))
                    for layer in model.layers)
@@ -100,16 +108,16 @@ def test_stride_two_modules_pass_through_pool_and_have_no_1x1():
 
 
 def test_sigmoid_variant():
-    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125, activation="sigmoid",
-                                **FAST)
-    acts = [l for l in model.layers if isinstance(l, keras.layers.Activation)]
-    assert acts and all(l.get_config()["activation"] == "sigmoid" for l in acts)
+    model = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125,
+                                activation="sigmoid", **FAST)
+    acts = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+    assert acts and all(layer.get_config()["activation"] == "sigmoid" for layer in acts)
 
 
 def test_inception_baseline_has_bias_dropout_lrn_l2_and_no_bn():
     model = models.inception_baseline(input_shape=(8, 8, 1), classes=10, alpha=0.125, **FAST)
-    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)
-    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert convs and all(c.use_bias and c.kernel_regularizer is not None for c in convs)
     assert model.get_layer("dropout").rate == pytest.approx(0.4)
     assert isinstance(model.get_layer("stem_lrn"), models.LocalResponseNormalization)
@@ -135,12 +143,13 @@ def test_local_response_normalization_matches_numpy():
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_mnist_mlp(batch_norm):
     model = models.mnist_mlp(input_dim=64, batch_norm=batch_norm, seed=1)
-    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
-    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert [d.units for d in dense] == [100, 100, 100, 10]
     assert len(bns) == (3 if batch_norm else 0)
     assert all(d.use_bias != batch_norm for d in dense[:3])
-    assert models.sigmoid_input_layer(model).name == ("hidden3_bn" if batch_norm else "hidden3_dense")
+    expected = "hidden3_bn" if batch_norm else "hidden3_dense"
+    assert models.sigmoid_input_layer(model).name == expected
     assert model.output_shape == (None, 10)
 
 
@@ -157,14 +166,15 @@ def test_bn_inception_with_keras_batch_normalization_for_comparisons():
     ours = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125)
     theirs = models.bn_inception(input_shape=(8, 8, 1), classes=10, alpha=0.125,
                                  bn_layer=keras.layers.BatchNormalization)
-    kinds = [{type(l) for l in m.layers if isinstance(l, keras.layers.BatchNormalization)}
-             for m in (ours, theirs)]
+    kinds = [{type(layer) for layer in m.layers
+              if isinstance(layer, keras.layers.BatchNormalization)} for m in (ours, theirs)]
     assert kinds == [{keras_bn.BatchNormalization}, {keras.layers.BatchNormalization}]
     assert ours.count_params() == theirs.count_params()
 
 
 def test_with_softmax_turns_logits_into_probabilities():
-    logits_model = models.mnist_mlp(input_dim=64, classes=10, batch_norm=True, seed=0, softmax=False)
+    logits_model = models.mnist_mlp(input_dim=64, classes=10, batch_norm=True, seed=0,
+                                    softmax=False)
     deployed = models.with_softmax(logits_model)
     x = np.random.default_rng(0).normal(size=(5, 64)).astype("float32")
     logits = keras.ops.convert_to_numpy(logits_model(x))

@@ -1,28 +1,51 @@
-"""The experiment scripts in quick mode: they run, write JSON/PNG/markdown, and say what they did."""
-import importlib.util
+"""The experiment scripts in quick mode: they run, write JSON/PNG/markdown, and say what they did;
+every script runs as a module from the repository root (`python -m examples.figure1`)."""
 import json
 import os
 import pathlib
+import runpy
+import subprocess
+import sys
+import warnings
 
 import keras
 import pytest
 
+from benchmarks import gpu as gpu_benchmark
+from benchmarks import steps_to_accuracy as steps_benchmark
 from examples import demo, figure1, train_inception
 
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPTS = [
+    "examples.demo", "examples.figure1", "examples.train_inception",
+    "benchmarks.export", "benchmarks.fold", "benchmarks.gpu", "benchmarks.layer_speed",
+    "benchmarks.steps_to_accuracy", "benchmarks.training_speed",
+]
 
 
-def _load_benchmark(name):
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_a_script_runs_with_python_dash_m_from_the_repository_root():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    completed = subprocess.run([sys.executable, "-m", "examples.figure1", "--help"], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "usage:" in completed.stdout and "--output-dir" in completed.stdout
 
 
-steps_benchmark = _load_benchmark("steps_to_accuracy")
-gpu_benchmark = _load_benchmark("gpu")
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_every_script_runs_as_a_module(module, monkeypatch, capsys):
+    # What `python -m <module> --help` does, in this process (one subprocess per script would
+    # start Keras nine times). Scripts set environment defaults (tests/conftest.py has set both
+    # variables already); monkeypatch restores what they change.
+    for name in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL"):
+        monkeypatch.setenv(name, os.environ[name])
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with warnings.catch_warnings():
+        # runpy warns that the module was imported before (by this file): harmless here.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
 
 
 def test_figure1_quick(tmp_path, capsys):
@@ -41,7 +64,8 @@ def test_figure1_quick(tmp_path, capsys):
 def test_train_inception_quick(tmp_path):
     argv = [
         "--quick", "--output-dir", str(tmp_path), "--verbose", "0", "--statistics", "moving",
-        "--variants", "Inception", "BN-x5", "--steps", "4", "--checkpoint", str(tmp_path / "runs.json"),
+        "--variants", "Inception", "BN-x5", "--steps", "4",
+        "--checkpoint", str(tmp_path / "runs.json"),
     ]
     result = train_inception.main(argv)
     # Run again with the same checkpoint: every run is read back, nothing retrains or changes.
