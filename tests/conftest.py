@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow's own CPU kernels run channels-first Conv1D and Conv2DTranspose only with oneDNN,
+# which TensorFlow turns on by itself only on some x86 CPUs (those with AVX-512); on an AVX2-only
+# CPU the channels-first folding tests would fail in TensorFlow, not in the code under test.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
