@@ -38,7 +38,9 @@ def test_python_block_runs(code, tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300,
     )
-    assert process.returncode == 0, f"the block failed:\n{code}\n--- stderr:\n{process.stderr[-3000:]}"
+    assert process.returncode == 0, (
+        f"the block failed:\n{code}\n--- stderr:\n{process.stderr[-3000:]}"
+    )
 
 
 def test_readme_links_resolve():
