@@ -1,6 +1,7 @@
 """keras-bn: Batch Normalization (Ioffe & Szegedy 2015) as a deployable part of a Keras 3 model."""
 
 from keras_bn.batch_normalization import BatchNormalization
+from keras_bn.callbacks import PopulationStatistics
 from keras_bn.folding import FoldReport, fold_batchnorm
 from keras_bn.population import estimate_population_statistics
 from keras_bn.verification import VerificationError
@@ -8,6 +9,7 @@ from keras_bn.verification import VerificationError
 __all__ = [
     "BatchNormalization",
     "FoldReport",
+    "PopulationStatistics",
     "VerificationError",
     "estimate_population_statistics",
     "fold_batchnorm",

@@ -1,5 +1,6 @@
 """Exact population statistics: Algorithm 2, lines 9-11 of Ioffe & Szegedy (2015)."""
 
+import itertools
 import logging
 
 import keras
@@ -94,9 +95,8 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         forward = _training_forward(model, layers)
         total = steps if steps is not None else _length(data, batch_size)
         progbar = keras.utils.Progbar(total, verbose=0 if verbose == 0 else 1, unit_name="batch")
-        for x in _batches(data, batch_size):
-            if steps is not None and used >= steps:
-                break
+        # islice stops before reading batch `steps + 1`: a generator keeps it for the next call.
+        for x in itertools.islice(_batches(data, batch_size), steps):
             size = _batch_length(x)
             statistics = forward(x).astype("float64")
             _check_finite(model, layers, statistics, f"batch {used} (counting from 0)", x)
