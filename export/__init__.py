@@ -1,4 +1,5 @@
-"""Deployment of keras-bn models: freeze population statistics and write verified ONNX graphs.
+"""Deployment of keras-bn models: freeze population statistics and write verified ONNX graphs,
+float32 or int8.
 
 TensorFlow backend only (the conversion goes through tf2onnx); a `.keras` file saved under any
 backend is loaded here under TensorFlow. Its packages are an install extra,
@@ -45,9 +46,11 @@ _PUBLIC = {
     "ExportResult": "export.onnx_export",
     "FreezeReport": "export.freezing",
     "FrozenAffine": "export.freezing",
+    "QuantizationReport": "export.quantization",
     "VerificationError": "export.onnx_export",
     "freeze": "export.freezing",
     "load_model": "export.onnx_export",
+    "quantize_int8": "export.quantization",
     "to_onnx": "export.onnx_export",
 }
 __all__ = sorted(_PUBLIC)

@@ -1,12 +1,17 @@
-"""keras-bn-export: a .keras model in, a verified ONNX graph out.
+"""keras-bn-export: a .keras model in, a verified ONNX graph out, float32 or int8.
 
     keras-bn-export MODEL.keras -o MODEL.onnx [--opset 17] [--channels-first] [--float16-weights]
+    keras-bn-export MODEL.keras -o MODEL.int8.onnx --int8 --calibration DATA [--validation DATA]
     keras-bn-export --version
 
+DATA is a `.npy` file (one array of inputs) or a `.npz` file (arrays named after the model's
+inputs, or a single array of inputs; labels in an array named `y` or `labels`).
+
 Prints a short summary on success. A user's mistake (missing or foreign file, unsupported model,
-unwritable output, outputs that onnxruntime does not reproduce) gives one line on stderr, no
-traceback, no output file, and exit status 2 (1 for a failed verification). Options and paths are
-checked before TensorFlow is imported, so such mistakes are reported at once.
+unwritable output, bad calibration data, outputs that onnxruntime does not reproduce) gives one
+line on stderr, no traceback, no output file, and exit status 2 (1 for a failed verification or
+int8 guard). Options, paths and data files are checked before TensorFlow is imported, so such
+mistakes are reported at once; only the data's shapes wait for the model.
 """
 
 import argparse
@@ -17,6 +22,9 @@ import math
 import os
 import sys
 import warnings
+import zipfile
+
+import numpy as np
 
 PROG = "keras-bn-export"
 EXIT_VERIFICATION_FAILED = 1
@@ -24,6 +32,21 @@ EXIT_USAGE = 2
 # The opsets tf2onnx 1.17 writes, as in export.onnx_export, which cannot be imported before the
 # backend is chosen (it imports Keras); tests/export/test_export_cli.py keeps the two equal.
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 13, 18, 17
+# export.onnx_export.DEFAULT_DYNAMIC_SIZES and export.quantization's defaults, kept equal by the
+# same test.
+DEFAULT_DYNAMIC_SIZES = (32, 64)
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+DEFAULT_CALIBRATION_BATCHES = 16
+DEFAULT_MIN_AGREEMENT = 0.99
+# Names of the labels array in a .npz data file; every other array holds inputs.
+LABEL_NAMES = ("y", "labels")
+DATA_HELP = (
+    "DATA is a .npy file holding one array of inputs (batch first, channels last), or a .npz "
+    "file holding one array per model input, named after the graph inputs (--input-names, "
+    "else the Keras input names), or a single array for a one-input model; an array named "
+    f"{' or '.join(LABEL_NAMES)} holds labels (class ids or one-hot rows), which give the "
+    "float and int8 accuracies. Arrays must be numeric, finite and non-empty."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,12 +88,33 @@ def _sizes(text):
     try:
         sizes = tuple(int(size) for size in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    # Two different sizes are what shows that the exported batch dimension is dynamic.
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    # Two different sizes are what shows that the exported dimensions are dynamic.
     if len(set(sizes)) < 2 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(
-            f"expected at least two different positive batch sizes, got {text!r}")
+            f"expected at least two different positive sizes, got {text!r}")
     return sizes
+
+
+def _positive_integer(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
 
 
 def _opset(text):
@@ -121,8 +165,35 @@ def build_parser():
                         help="skip the onnxruntime check against Keras (not recommended)")
     parser.add_argument("--batch-sizes", type=_sizes, default=(1, 3), metavar="1,3",
                         help="batch sizes verified (default 1,3)")
+    parser.add_argument("--dynamic-sizes", type=_sizes, default=DEFAULT_DYNAMIC_SIZES,
+                        metavar="32,64",
+                        help="sizes verified for input dimensions the model leaves unknown, "
+                        "such as the height and width of keras.Input((None, None, 3)), paired "
+                        "with the batch sizes (default 32,64)")
     parser.add_argument("--tolerance", type=_tolerance,
-                        help="largest accepted relative error (default: 1e-3 for float32, 1e-2 for float16 or --float16-weights, 5e-2 for bfloat16)")
+                        help="largest accepted relative error (default: 1e-3 for float32, "
+                        "1e-2 for float16 or --float16-weights, 5e-2 for bfloat16)")
+    int8 = parser.add_argument_group(
+        "int8", "Quantize the verified float graph with onnxruntime (static, QDQ, int8 weights per "
+        "output channel) and write only the int8 graph, once its top-1 agreement with the float "
+        "graph passes --min-agreement. " + DATA_HELP)
+    int8.add_argument("--int8", action="store_true",
+                      help="write an int8 graph (default output: MODEL.int8.onnx); needs "
+                      "--calibration")
+    int8.add_argument("--calibration", metavar="DATA",
+                      help="inputs the int8 ranges are calibrated on (a few hundred, like "
+                      "those the deployed model will see)")
+    int8.add_argument("--validation", metavar="DATA",
+                      help="inputs (and labels) the int8 graph is compared with the float graph "
+                      "on (default: the calibration data, an optimistic figure)")
+    int8.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
+                      help="how activation ranges are chosen (default minmax)")
+    int8.add_argument("--calibration-batches", type=_positive_integer, metavar="N",
+                      help=f"the most calibration batches of 32 read (default "
+                      f"{DEFAULT_CALIBRATION_BATCHES})")
+    int8.add_argument("--min-agreement", type=_fraction, metavar="F",
+                      help="the guard: the fraction of examples whose top-1 class must match the "
+                      f"float graph's (default {DEFAULT_MIN_AGREEMENT}; 0 turns it off)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each step, and show a traceback on internal errors")
     return parser
@@ -174,6 +245,109 @@ def _check_paths(model, output):
     return None
 
 
+def _check_int8_options(parser, args):
+    """Exits with a usage error for int8 options that do not go together."""
+    int8_only = [option for option, value in (
+        ("--calibration", args.calibration), ("--validation", args.validation),
+        ("--calibration-method", args.calibration_method),
+        ("--calibration-batches", args.calibration_batches),
+        ("--min-agreement", args.min_agreement)) if value is not None]
+    if not args.int8:
+        if int8_only:
+            parser.error(f"{', '.join(int8_only)} only go with --int8")
+        return
+    if args.calibration is None:
+        parser.error("--int8 needs --calibration DATA, the inputs the int8 ranges are "
+                     "calibrated on (a .npy or .npz file)")
+    if args.float16_weights:
+        parser.error("--float16-weights does not go with --int8: int8 weights are smaller still")
+
+
+def load_data(path, option):
+    """`(inputs, labels)` from a .npy or .npz data file, checked for what can be checked without
+    the model: an array or a dict of arrays, and the labels array or None.
+
+    Raises:
+        ValueError: naming the option and the file: missing, not .npy/.npz, unreadable, empty,
+            non-numeric, NaN or infinite, or arrays of different lengths.
+    """
+    where = f"{option} {path}"
+    if not os.path.exists(path):
+        raise ValueError(f"{where}: no such file")
+    if os.path.isdir(path) or not path.endswith((".npy", ".npz")):
+        raise ValueError(f"{where}: expected a .npy file (one array of inputs) or a .npz file "
+                         "(arrays named after the model's inputs, labels named "
+                         f"{' or '.join(LABEL_NAMES)})")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:  # an archive: its arrays are read here, and it is closed
+                arrays = {name: loaded[name] for name in loaded.files}
+        else:
+            arrays = None
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise ValueError(f"{where}: holds Python objects (a pickle), not numeric arrays; "
+                             "save numbers with numpy.save or numpy.savez") from None
+        raise ValueError(f"{where}: cannot be read as a NumPy file ({_words(error)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{where}: cannot be read as a NumPy file ({_words(error)})") from None
+    if arrays is None:
+        _check_numbers(loaded, where)
+        return loaded, None
+    if not arrays:
+        raise ValueError(f"{where}: the .npz file holds no arrays")
+    found = [name for name in LABEL_NAMES if name in arrays]
+    if len(found) > 1:
+        raise ValueError(f"{where}: labels under both {found[0]!r} and {found[1]!r}; keep one")
+    labels = arrays.pop(found[0]) if found else None
+    if not arrays:
+        raise ValueError(f"{where}: the .npz file holds labels ({found[0]!r}) but no inputs")
+    for name, array in arrays.items():
+        _check_numbers(array, f"{where}, array {name!r}")
+    lengths = {name: array.shape[0] for name, array in arrays.items()}
+    if labels is not None:
+        _check_numbers(labels, f"{where}, labels {found[0]!r}")
+        lengths[found[0]] = labels.shape[0]
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{where}: arrays of different lengths {lengths}; one row per example")
+    inputs = next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    return inputs, labels
+
+
+def _check_numbers(array, what):
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{what}: holds {array.dtype} values; expected numbers (bool, integer "
+                         "or float)")
+    if array.ndim == 0:
+        raise ValueError(f"{what}: holds a single number; expected an array with one row per "
+                         "example")
+    if array.size == 0:
+        raise ValueError(f"{what}: is empty (shape {array.shape}); expected at least one example")
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            nans = int(np.isnan(array).sum())
+            infinite = finite.size - int(finite.sum()) - nans
+            raise ValueError(f"{what}: holds {nans} NaN and {infinite} infinite values (shape "
+                             f"{array.shape}); expected finite numbers")
+
+
+def _words(error):
+    return " ".join(str(error).split())
+
+
+def _as_data(inputs, labels, batch_size=32):
+    """What `to_onnx` takes: the inputs, or `(x, y)`; a dict of inputs with labels goes as a list
+    of `(x, y)` batches, since a tuple of a dict and an array is not array data."""
+    if labels is None:
+        return inputs
+    if not isinstance(inputs, dict):
+        return inputs, labels
+    return [({name: array[start:start + batch_size] for name, array in inputs.items()},
+             labels[start:start + batch_size]) for start in range(0, len(labels), batch_size)]
+
+
 def _fail(message, status=EXIT_USAGE):
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return status
@@ -181,13 +355,32 @@ def _fail(message, status=EXIT_USAGE):
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_int8_options(parser, args)
     output = args.output
     if output is None:
-        output = args.model.removesuffix(".keras") + ".onnx"
+        output = args.model.removesuffix(".keras") + (".int8.onnx" if args.int8 else ".onnx")
     problem = _check_paths(args.model, output)
     if problem:
         return _fail(problem)
+    data = {}
+    if args.int8:
+        try:
+            data["calibration_data"] = _as_data(*load_data(args.calibration, "--calibration"))
+            if args.validation is not None:
+                data["validation_data"] = _as_data(*load_data(args.validation, "--validation"))
+        except ValueError as error:
+            return _fail(error)
+        data.update(
+            quantize="int8",
+            calibration_method=args.calibration_method or "minmax",
+            calibration_batches=args.calibration_batches or DEFAULT_CALIBRATION_BATCHES,
+            min_agreement=(DEFAULT_MIN_AGREEMENT if args.min_agreement is None
+                           else args.min_agreement),
+            # A progress bar is for a person watching; piped output holds the summary alone.
+            verbose=1 if args.verbose or sys.stdout.isatty() else 0,
+        )
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     already = sys.modules.get("keras")
@@ -214,14 +407,14 @@ def main(argv=None):
                 output_names=args.output_names, channels_first=args.channels_first,
                 float16_weights=args.float16_weights, fold=not args.no_fold,
                 verify=not args.no_verify, batch_sizes=args.batch_sizes,
-                tolerance=args.tolerance,
+                dynamic_sizes=args.dynamic_sizes, tolerance=args.tolerance, **data,
             )
     except VerificationError as error:
         return _fail(f"verification failed: {error}", EXIT_VERIFICATION_FAILED)
     except FileNotFoundError as error:
         return _fail(error)
     except (ValueError, TypeError, OSError, RuntimeError) as error:
-        return _fail(error)
+        return _fail(_with_option_names(str(error), args))
     except KeyboardInterrupt:
         return _fail("interrupted; no file was written", 130)
     except Exception as error:  # a bug of ours or of a library: still one line, unless --verbose
@@ -231,6 +424,16 @@ def main(argv=None):
                      f"(rerun with --verbose for the traceback; no file was written)", 1)
     print(result.summary())
     return 0
+
+
+def _with_option_names(message, args):
+    """`to_onnx`'s message about `calibration_data` or `validation_data` in the command line's
+    words: the option and its file."""
+    for argument, option, path in (("calibration_data", "--calibration", args.calibration),
+                                   ("validation_data", "--validation", args.validation)):
+        if message.startswith(argument):
+            return f"{option} {path}: {message}"
+    return message
 
 
 if __name__ == "__main__":

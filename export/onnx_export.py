@@ -15,6 +15,7 @@ import time
 import keras
 import numpy as np
 
+from export import quantization
 from export.freezing import freeze
 from export.graph_passes import optimize, store_weights_as_float16
 from keras_bn import _keras_internals, verification
@@ -25,6 +26,11 @@ logger = logging.getLogger(__name__)
 MIN_OPSET, MAX_OPSET = 13, 18  # tf2onnx 1.17 writes opsets up to 18
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX file cannot exceed protobuf's 2 GiB
+# Sizes verification gives the input dimensions a model leaves unknown: two, to show they are
+# dynamic, and multiples of 32, which networks that downsample five times by 2 and concatenate
+# upsampled features again (U-Nets, feature pyramids) need.
+DEFAULT_DYNAMIC_SIZES = (32, 64)
+QUANTIZE_OPTIONS = (None, "int8")
 
 
 @dataclasses.dataclass
@@ -36,9 +42,16 @@ class ExportResult:
         opset: the ONNX opset of the graph.
         node_counts: `{op_type: count}` over the graph's nodes, most frequent first.
         max_error: largest `max|onnxruntime - keras| / max(1, max|keras|)` over outputs and batch
-            sizes (`keras_bn.verification.output_error`), or `None` when `verify=False`.
+            sizes (`keras_bn.verification.output_error`) of the float graph, or `None` when
+            `verify=False`. With `quantize="int8"` this is the float graph the int8 one was
+            quantized from; `quantization` holds how the int8 graph compares with it.
         batch_sizes: the batch sizes verified.
+        dynamic_sizes: the sizes verified for the input dimensions the model leaves unknown, one
+            per verification run alongside `batch_sizes` (see `to_onnx`); `()` when every input
+            dimension but the batch is known, or with `verify=False`.
         input_names, output_names: the graph's input and output names, in the model's order.
+        input_shapes: each graph input's shape, an int per known dimension and a name per
+            dynamic one ("batch", and `"<input>_dim<axis>"` for the others).
         channels_first: whether rank-4 inputs are NCHW.
         float16_weights: whether weights are stored as float16.
         folded, frozen, removed: from `export.freeze` (see `FreezeReport`).
@@ -46,6 +59,8 @@ class ExportResult:
         seconds: wall time of the whole export.
         graph_passes: one line per ONNX graph pass that changed the graph (`export.graph_passes`),
             e.g. "fold_pad_into_max_pool: Pad -1".
+        quantization: the `export.QuantizationReport` of the int8 graph written with
+            `quantize="int8"`, else `None`. `node_counts`, `file_size` are then the int8 graph's.
     """
 
     path: str
@@ -63,38 +78,64 @@ class ExportResult:
     file_size: int
     seconds: float
     graph_passes: list = dataclasses.field(default_factory=list)
+    dynamic_sizes: tuple = ()
+    input_shapes: list = dataclasses.field(default_factory=list)
+    quantization: object = None
 
     @property
     def num_nodes(self):
         return sum(self.node_counts.values())
 
     def summary(self):
-        """A few lines for people: what was folded or frozen, the graph, the error, the file."""
+        """A few lines for people: what was folded or frozen, the graph, the error, the file,
+        and with int8 the quantization report (`QuantizationReport.summary`)."""
         nodes = ", ".join(f"{op} {n}" for op, n in self.node_counts.items())
-        error = ("not verified" if self.max_error is None else
-                 f"{self.max_error:.2e} (batch sizes {', '.join(map(str, self.batch_sizes))})")
-        return "\n".join([
-            f"wrote {self.path} ({self.file_size / 2**20:.2f} MiB, opset {self.opset}, "
+        error = "not verified"
+        if self.max_error is not None:
+            error = f"{self.max_error:.2e} (batch sizes {', '.join(map(str, self.batch_sizes))}"
+            if self.dynamic_sizes:
+                error += (f"; unknown dimensions at sizes "
+                          f"{', '.join(map(str, self.dynamic_sizes))}")
+            error += ")"
+        kind = "" if self.quantization is None else "int8, "
+        of_float = "" if self.quantization is None else " (the float graph before quantization)"
+        lines = [
+            f"wrote {self.path} ({kind}{self.file_size / 2**20:.2f} MiB, opset {self.opset}, "
             f"{self.seconds:.1f} s)",
             f"BatchNormalization: {len(self.folded)} folded, {len(self.frozen)} frozen to "
             f"constants (Mul+Add); {len(self.removed)} training-only layers removed",
             f"nodes: {self.num_nodes} ({nodes})",
-            f"max error vs Keras: {error}",
-        ])
+            f"max error vs Keras{of_float}: {error}",
+        ]
+        if self.quantization is not None:
+            lines.append(self.quantization.summary())
+        return "\n".join(lines)
 
 
 def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=None,
             channels_first=False, float16_weights=False, fold=True, verify=True,
-            batch_sizes=(1, 3), tolerance=None, seed=0):
+            batch_sizes=(1, 3), dynamic_sizes=DEFAULT_DYNAMIC_SIZES, tolerance=None, seed=0,
+            quantize=None, calibration_data=None, validation_data=None,
+            calibration_method="minmax", calibration_batches=quantization.DEFAULT_MAX_BATCHES,
+            min_agreement=quantization.DEFAULT_MIN_AGREEMENT, verbose="auto"):
     """Freeze `model`, convert it to ONNX with tf2onnx, check it, verify it, and write `path`.
 
-    The graph takes a dynamic batch dimension. With `verify=True` the file is written only after
-    onnxruntime has reproduced Keras's `model(x, training=False)` on random inputs at every batch
-    size in `batch_sizes`: `max|onnxruntime - keras| <= tolerance * max(1, max|keras|)` for every
-    output, and finite wherever Keras's output is (`keras_bn.verification`, the check folding
-    uses too). The write
-    is atomic: a temporary file in the same folder, renamed onto `path` once complete, so `path`
-    never holds a partial file and an existing file is left alone when anything fails.
+    The graph takes a dynamic batch dimension, and every other input dimension the model leaves
+    unknown (`keras.Input((None, None, 3))`, a fully convolutional network) is dynamic too. With
+    `verify=True` the file is written only after onnxruntime has reproduced Keras's
+    `model(x, training=False)` on random inputs at every batch size in `batch_sizes` (and, for
+    unknown dimensions, at every size in `dynamic_sizes`): `max|onnxruntime - keras| <=
+    tolerance * max(1, max|keras|)` for every output, and finite wherever Keras's output is
+    (`keras_bn.verification`, the check folding uses too). The write is atomic: a temporary file
+    in the same folder, renamed onto `path` once complete, so `path` never holds a partial file
+    and an existing file is left alone when anything fails.
+
+    With `quantize="int8"` the verified float graph is quantized by
+    `export.quantize_int8` (onnxruntime's static quantization, QDQ format, int8 weights per
+    output channel), calibrated on `calibration_data` and compared with the float graph on
+    `validation_data`, and only the int8 graph is written, once its top-1 agreement with the
+    float graph passes `min_agreement`. BN is folded first, which is what lets onnxruntime
+    quantize the convolutions and matrix products at all.
 
     Args:
         model: a `keras.Model` (Functional or Sequential), or the path of a `.keras` file, which
@@ -114,11 +155,38 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         verify: check with onnxruntime against Keras (recommended; `False` skips it).
         batch_sizes: the batch sizes verified; at least two different sizes prove the batch
             dimension is dynamic.
+        dynamic_sizes: the sizes verification gives the input dimensions the model leaves
+            unknown (other than the batch): at least two different sizes, which prove those
+            dimensions dynamic. Verification run `i` uses batch size
+            `batch_sizes[i % len(batch_sizes)]` with every unknown dimension of size
+            `dynamic_sizes[i % len(dynamic_sizes)]`, for as many runs as the longer of the two
+            holds: by default batch 1 at 32 and batch 3 at 64 (`(1, 32, 32, 3)` and
+            `(3, 64, 64, 3)` for `keras.Input((None, None, 3))`). Unused when every dimension
+            is known.
         tolerance: largest accepted relative error, of the fold and of the ONNX graph; defaults
             to the tolerance of the least precise compute dtype among the model's layers
             (`keras_bn.verification.default_tolerance`: 1e-3 for float32, 1e-2 for float16,
             5e-2 for bfloat16), float16 at least with `float16_weights`.
         seed: seed of the random verification inputs.
+        quantize: `None` (default) writes the float32 graph; `"int8"` writes the int8 QDQ graph
+            instead (above). Not with `float16_weights`.
+        calibration_data: with `quantize="int8"`, required: inputs like those the deployed model
+            will see, in any form `keras_bn.estimate_population_statistics` takes (an array,
+            `(x, y)`, a dict keyed by graph input name, a `tf.data.Dataset`, a
+            `keras.utils.PyDataset`, an iterable of batches), channels-last even with
+            `channels_first=True`. Arrays, and lists of batches, are checked against the
+            model's inputs (shape, dtype, finite, not empty) before anything else is done.
+        validation_data: data the int8 graph is compared with the float graph on, in the same
+            forms; labels `y` in `(x, y)` add both graphs' top-1 accuracies. `None` compares on
+            `calibration_data`, an optimistic figure.
+        calibration_method: "minmax" (default), "entropy" or "percentile" (see
+            `export.quantize_int8`).
+        calibration_batches: the most calibration batches read (array data is split into
+            batches of 32); `None` reads all of it.
+        min_agreement: the int8 guard: the fraction of validation examples on which every
+            class-score output's top-1 class must match the float graph's (0.99; 0 turns it
+            off).
+        verbose: "auto" or 1 shows a progress bar while calibrating and comparing; 0 is silent.
 
     Returns:
         An `ExportResult`.
@@ -126,19 +194,32 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     Raises:
         FileNotFoundError: `model` is a path that does not exist.
         ValueError: an argument is out of range, the file is not a Keras model, the model
-            cannot be exported (unknown input shapes, operations tf2onnx cannot convert), or a
-            BN layer holds non-finite numbers or a negative variance (named in the message).
+            cannot be exported (an input whose batch dimension is fixed, operations tf2onnx
+            cannot convert), a BN layer holds non-finite numbers or a negative variance (named
+            in the message), or calibration or validation data is missing, empty, not finite,
+            or of a shape or dtype the model does not take.
         TypeError: `model` is neither a `keras.Model` nor a path, or is a subclassed model
             (`keras_bn.verification.check_graph_model`).
         OSError: `path` cannot be written.
-        VerificationError: folding or onnxruntime disagrees with Keras; no file is written
-            (`keras_bn.VerificationError`, a `ValueError`).
+        VerificationError: folding or onnxruntime disagrees with Keras, or the int8 graph
+            fails its guard; no file is written (`keras_bn.VerificationError`, a `ValueError`).
         RuntimeError: the Keras backend is not TensorFlow.
+
+    Example:
+
+    >>> export.to_onnx(model, "model.onnx")
+    >>> result = export.to_onnx(model, "model.int8.onnx", quantize="int8",
+    ...                         calibration_data=x_train[:512],
+    ...                         validation_data=(x_test, y_test))
+    >>> print(result.summary())
     """
     start = time.perf_counter()
     _require_tensorflow_backend()
     opset = _check_opset(opset)
-    batch_sizes = _check_batch_sizes(batch_sizes)
+    batch_sizes = _check_sizes(batch_sizes, "batch_sizes", "batch dimension is")
+    dynamic_sizes = _check_sizes(dynamic_sizes, "dynamic_sizes", "unknown dimensions are")
+    _check_quantization_options(quantize, calibration_data, validation_data, float16_weights,
+                                calibration_method, calibration_batches, min_agreement)
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(
             tolerance, (int, float)) or not tolerance > 0):
         raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")
@@ -163,6 +244,13 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
             f"none. Received input shapes: {[tuple(spec.shape) for spec in inputs]}"
         )
     _check_size(model)
+    if quantize is not None:  # a mistake in the data fails here, before minutes of conversion
+        described = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
+        quantization.check_data(calibration_data, described, max_batches=calibration_batches,
+                                argument="calibration_data")
+        if validation_data is not None:
+            quantization.check_data(validation_data, described, max_batches=None,
+                                    argument="validation_data")
 
     logger.info("to_onnx: freezing '%s'", model.name)
     frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
@@ -174,20 +262,42 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     _check_graph(proto)
     data = proto.SerializeToString()
 
-    max_error = None
+    runs = _verification_runs(inputs, batch_sizes, dynamic_sizes)
+    max_error, cases = None, []
     if verify:
-        logger.info("to_onnx: verifying with onnxruntime at batch sizes %s", batch_sizes)
-        max_error = _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed)
+        logger.info("to_onnx: verifying with onnxruntime at %s", _describe_runs(runs))
+        max_error, cases = _verify(model, data, inputs, output_names, nchw, runs, tolerance,
+                                   seed)
+    report = None
+    if quantize == "int8":
+        logger.info("to_onnx: quantizing to int8 (%s calibration)", calibration_method)
+        int8, report = quantization.quantize_int8(
+            proto, calibration_data, method=calibration_method, max_batches=calibration_batches,
+            validation_data=validation_data, min_agreement=min_agreement,
+            channels_first_inputs=nchw, verbose=verbose,
+        )
+        int8.producer_name = "keras-bn export (tf2onnx, onnxruntime.quantization)"
+        _check_graph(int8)
+        if cases:
+            _check_runs(int8, cases, output_names)
+        proto, data = int8, int8.SerializeToString()
     _write_atomically(data, path)
-    report = frozen.freeze_report
+    freeze_report = frozen.freeze_report
     result = ExportResult(
         path=path, opset=opset,
         node_counts=dict(collections.Counter(n.op_type for n in proto.graph.node).most_common()),
-        max_error=max_error, batch_sizes=batch_sizes if verify else (),
+        max_error=max_error,
+        batch_sizes=batch_sizes if verify else (),
         input_names=[spec.name for spec in inputs], output_names=list(output_names),
         channels_first=bool(channels_first), float16_weights=bool(float16_weights),
-        folded=report.folded, frozen=report.frozen, removed=report.removed,
-        file_size=len(data), seconds=time.perf_counter() - start, graph_passes=graph_passes,
+        folded=freeze_report.folded, frozen=freeze_report.frozen,
+        removed=freeze_report.removed, file_size=len(data),
+        seconds=time.perf_counter() - start, graph_passes=graph_passes,
+        dynamic_sizes=dynamic_sizes if verify and runs[0][1] is not None else (),
+        input_shapes=[tuple(d.dim_value if d.HasField("dim_value") else d.dim_param
+                            for d in value.type.tensor_type.shape.dim)
+                      for value in proto.graph.input],
+        quantization=report,
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
@@ -251,17 +361,55 @@ def _check_opset(opset):
     return int(opset)
 
 
-def _check_batch_sizes(batch_sizes):
+def _check_sizes(sizes, argument, what):
     try:
-        sizes = tuple(int(size) for size in batch_sizes)
+        checked = tuple(int(size) for size in sizes)
     except (TypeError, ValueError):
-        sizes = ()
-    if len(set(sizes)) < 2 or min(sizes) < 1:
+        checked = ()
+    if len(set(checked)) < 2 or min(checked) < 1:
         raise ValueError(
-            "batch_sizes must hold at least two different positive sizes, which show the batch "
-            f"dimension is dynamic. Received: batch_sizes={batch_sizes!r}"
+            f"{argument} must hold at least two different positive sizes, which show the {what} "
+            f"dynamic. Received: {argument}={sizes!r}"
         )
-    return sizes
+    return checked
+
+
+def _check_quantization_options(quantize, calibration_data, validation_data, float16_weights,
+                                method, batches, min_agreement):
+    if quantize not in QUANTIZE_OPTIONS:
+        raise ValueError("quantize must be None (float32) or 'int8'. "
+                         f"Received: quantize={quantize!r}")
+    if quantize is None:
+        given = [name for name, value in (("calibration_data", calibration_data),
+                                          ("validation_data", validation_data))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} used "
+                             "only with quantize='int8'; the float32 export needs no data. "
+                             "Received: quantize=None")
+        return
+    if calibration_data is None:
+        raise ValueError(
+            "quantize='int8' needs calibration_data: a few hundred inputs like those the "
+            "deployed model will see (an array, (x, y), a dict, a tf.data.Dataset, ...), on which "
+            "onnxruntime calibrates the int8 ranges. Received: calibration_data=None"
+        )
+    if float16_weights:
+        raise ValueError("float16_weights stores float32 weights as float16; an int8 graph's "
+                         "weights are int8 already. Received: quantize='int8' with "
+                         "float16_weights=True")
+    if method not in quantization.CALIBRATION_METHODS:
+        raise ValueError(f"calibration_method must be one of "
+                         f"{sorted(quantization.CALIBRATION_METHODS)}. "
+                         f"Received: calibration_method={method!r}")
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
+                                or batches < 1):
+        raise ValueError("calibration_batches must be a positive integer or None. "
+                         f"Received: calibration_batches={batches!r}")
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not (
+            0 <= min_agreement <= 1):
+        raise ValueError("min_agreement must be a fraction from 0 to 1. "
+                         f"Received: min_agreement={min_agreement!r}")
 
 
 def _check_output_path(path):
@@ -281,7 +429,7 @@ def _check_output_path(path):
 @dataclasses.dataclass
 class _InputSpec:
     name: str
-    shape: tuple  # with None for the batch dimension
+    shape: tuple  # with None for the batch dimension and every other unknown one
     dtype: str
 
 
@@ -298,12 +446,6 @@ def _input_specs(model, names):
             raise ValueError(
                 f"to_onnx exports a dynamic batch dimension, so each input's first dimension must "
                 f"be None. Received: input '{tensor.name}' with shape {shape}"
-            )
-        if any(dim is None for dim in shape[1:]):
-            raise ValueError(
-                "to_onnx needs every input dimension but the batch one to be known. Received: "
-                f"input '{tensor.name}' with shape {shape}; build the model on "
-                "keras.Input(shape=...) with fixed sizes"
             )
         if not (dtype.startswith(("float", "int", "uint")) or dtype == "bool"):
             raise ValueError(
@@ -420,6 +562,12 @@ def _convert(frozen, inputs, output_names, opset, nchw):
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
+    # tf2onnx names the other unknown dimensions unk__<n>; a name per input and axis says what
+    # they are. Distinct names, since two inputs' unknown dimensions need not be equal.
+    for value in graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis and not dim.HasField("dim_value"):
+                dim.dim_param = f"{value.name}_dim{axis}"
     proto.producer_name = "keras-bn export (tf2onnx)"
     return proto
 
@@ -447,43 +595,102 @@ def _check_graph(proto):
         ) from error
 
 
-def _verify(model, data, inputs, output_names, nchw, batch_sizes, tolerance, seed):
-    """Largest relative error of onnxruntime against Keras; VerificationError past tolerance."""
+def _verification_runs(inputs, batch_sizes, dynamic_sizes):
+    """`(batch_size, size)` per verification run; `size` is that of every unknown dimension
+    other than the batch, `None` when the model has none. Pairing the two lists rather than
+    crossing them shows both kinds of dimension dynamic in as few runs."""
+    if not any(dim is None for spec in inputs for dim in spec.shape[1:]):
+        return [(batch_size, None) for batch_size in batch_sizes]
+    count = max(len(batch_sizes), len(dynamic_sizes))
+    return [(batch_sizes[i % len(batch_sizes)], dynamic_sizes[i % len(dynamic_sizes)])
+            for i in range(count)]
+
+
+def _describe_runs(runs):
+    return ", ".join(f"batch size {batch_size}" + ("" if size is None else f" (size {size})")
+                     for batch_size, size in runs)
+
+
+def _random_batch(inputs, batch_size, size, rng):
+    """Random inputs as `keras_bn.verification.random_inputs` draws them (standard normal floats,
+    0 or 1 for integers and bools), with `size` for every unknown dimension but the batch."""
+    arrays = []
+    for spec in inputs:
+        shape = [batch_size] + [size if dim is None else dim for dim in spec.shape[1:]]
+        if "float" in spec.dtype:
+            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+        else:  # integer ids or flags: 0 and 1 are valid for any embedding or lookup
+            arrays.append(rng.integers(0, 2, shape).astype(spec.dtype))
+    return arrays
+
+
+def _session(data):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed):
+    """Largest relative error of onnxruntime against Keras, and the runs as
+    `(feed, Keras output shapes, description)`; VerificationError past tolerance."""
+    session = _session(data)
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for batch_size in batch_sizes:
-        arrays = verification.random_inputs(model, batch_size, rng)
+    cases = []
+    for batch_size, size in runs:
+        where = f"batch size {batch_size}" + ("" if size is None else f", unknown dimensions "
+                                              f"{size}")
+        arrays = _random_batch(inputs, batch_size, size, rng)
         expected = keras.tree.flatten(
             model(verification.as_model_input(model, arrays), training=False))
         feed = {spec.name: (np.transpose(x, (0, 3, 1, 2)) if spec.name in nchw else x)
                 for spec, x in zip(inputs, arrays)}
         actual = session.run(output_names, feed)
+        shapes = []
         for name, want, got in zip(output_names, expected, actual):
             want = keras.ops.convert_to_numpy(want)
+            shapes.append(want.shape)
             if want.shape != got.shape:
                 raise VerificationError(
                     f"onnxruntime output '{name}' has shape {got.shape}, Keras {want.shape} "
-                    f"(batch size {batch_size}); no file was written"
+                    f"({where}); no file was written"
                 )
             error, scale = verification.output_error(want, got)
             if not error < np.inf:
                 raise VerificationError(
                     f"onnxruntime output '{name}' holds NaN or inf where Keras's output is finite "
-                    f"(batch size {batch_size}); no file was written"
+                    f"({where}); no file was written"
                 )
             if not verification.within_tolerance(error, scale, tolerance):
                 raise VerificationError(
                     f"onnxruntime output '{name}' differs from Keras by {error / scale:.3g} "
-                    f"relative to max(1, its largest value) (batch size {batch_size}), above the "
+                    f"relative to max(1, its largest value) ({where}), above the "
                     f"tolerance {tolerance:g}; no file was written"
                 )
             worst = max(worst, error / scale)
-    return worst
+        cases.append((feed, shapes, where))
+    return worst, cases
+
+
+def _check_runs(proto, cases, output_names):
+    """The int8 graph runs on the float graph's verification inputs, every size of them, with
+    Keras's output shapes and finite values (its accuracy is `quantize_int8`'s to judge, on
+    real data: random inputs lie outside the calibrated ranges)."""
+    session = _session(proto.SerializeToString())
+    for feed, shapes, where in cases:
+        for name, shape, got in zip(output_names, shapes, session.run(output_names, feed)):
+            if got.shape != shape:
+                raise VerificationError(
+                    f"the int8 graph's output '{name}' has shape {got.shape}, Keras {shape} "
+                    f"({where}); no file was written"
+                )
+            if not np.isfinite(got).all():
+                raise VerificationError(
+                    f"the int8 graph's output '{name}' holds NaN or inf ({where}); no file was "
+                    "written"
+                )
 
 
 def _write_atomically(data, path):

@@ -29,7 +29,7 @@ import onnxruntime
 from onnxruntime import quantization as ort_quantization
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from keras_bn.population import _array_inputs, _batch_length, _batches, _is_array, _length
+from keras_bn.population import Batches
 from keras_bn.verification import VerificationError  # not via export.onnx_export: no cycle
 
 logger = logging.getLogger(__name__)
@@ -337,6 +337,36 @@ def quantize_int8(float_model, calibration_data, *, method="minmax",
     return (int8_proto.SerializeToString() if as_bytes else int8_proto), report
 
 
+def check_data(data, inputs, *, batch_size=32, max_batches=DEFAULT_MAX_BATCHES,
+               argument="calibration_data"):
+    """Checks data against a graph's inputs before the graph exists, as `quantize_int8` does.
+
+    Array data (an array, `(x, y)`, a dict) is checked at once, as much of it as `max_batches`
+    batches read; so is a list of batches, which can be read twice. Other iterables
+    (generators, `tf.data`, `PyDataset`) are checked batch by batch when `quantize_int8` reads
+    them. `export.to_onnx` calls this before freezing and converting, so that a mistake in the
+    data fails in a second, not after the conversion.
+
+    Args:
+        data: calibration or validation data, in any form `quantize_int8` takes.
+        inputs: `(name, shape, dtype)` of each graph input, in the data's layout (NHWC), `shape`
+            with `None` for the batch and every other dimension the graph leaves open.
+        batch_size, max_batches: as in `quantize_int8`.
+        argument: what the data is called in error messages.
+
+    Raises:
+        ValueError: the data is missing, empty, not finite, or of a shape or dtype the inputs
+            do not take (the message names the array and what it held).
+        TypeError: the data is of a type not accepted.
+    """
+    graph_inputs = [_GraphInput(name, tuple(shape), np.dtype(dtype), False)
+                    for name, shape, dtype in inputs]
+    feeds = _Feeds(data, graph_inputs, batch_size, _check_count(max_batches, "max_batches"),
+                   argument, verbose=0)
+    if isinstance(data, list):
+        collections.deque(feeds.pairs(), maxlen=0)
+
+
 def cpu_has_vnni():
     """Whether this machine's CPU has VNNI (`avx512_vnni` or `avx_vnni`), from /proc/cpuinfo;
     `None` where that cannot be told (not Linux, not x86)."""
@@ -428,23 +458,20 @@ class _Feeds(ort_quantization.CalibrationDataReader):
             raise ValueError(f"{argument} is required: int8 ranges are calibrated on real inputs.")
         self.argument = argument
         self.inputs = inputs
-        self.max_batches = max_batches
         self.batches = 0
         self.examples = 0
-        arrays = _array_inputs(data)
-        if arrays is not None:  # checked at once, before any work: as much as will be read
+        source = Batches(data, batch_size, steps=max_batches, labels=True, name=argument)
+        if source.inputs is not None:  # checked at once, before any work: as much as will be read
+            arrays = source.inputs
             if max_batches is not None:
                 arrays = keras.tree.map_structure(
                     operator.itemgetter(slice(0, max_batches * batch_size)), arrays)
             self._check_batch(arrays, "")
-        one_shot = arrays is None and not isinstance(data, keras.utils.PyDataset) and (
+        one_shot = source.inputs is None and not isinstance(data, keras.utils.PyDataset) and (
             _is_iterator(data))
-        self._source = _labelled_batches(data, batch_size, argument)
+        self._source = iter(source)
         self.kept = [] if keep and one_shot else None
-        total = _length(data, batch_size)
-        if max_batches is not None:
-            total = max_batches if total is None else min(total, max_batches)
-        self._progbar = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
+        self._progbar = keras.utils.Progbar(source.count, verbose=verbose, unit_name="batch")
 
     def pairs(self):
         while True:
@@ -458,15 +485,13 @@ class _Feeds(ort_quantization.CalibrationDataReader):
         return None if pair is None else pair[0]
 
     def _next_pair(self):
-        if self.max_batches is not None and self.batches >= self.max_batches:
-            return self._finish()
         element = next(self._source, None)
         if element is None:
             return self._finish()
         x, labels = element
         where = f" batch {self.batches}"
         feed = self._check_batch(x, where)
-        size = _batch_length(list(feed.values()))
+        size = next(iter(feed.values())).shape[0]
         self.batches += 1
         self.examples += size
         self._progbar.update(self.batches)
@@ -519,7 +544,7 @@ class _Feeds(ort_quantization.CalibrationDataReader):
         return feed
 
     def _check_array(self, graph_input, array, what):
-        if not (_is_array(array) or isinstance(array, (list, np.generic))):
+        if not (isinstance(array, (np.ndarray, list, np.generic)) or keras.ops.is_tensor(array)):
             raise TypeError(f"{what}: expected an array. Received: {type(array).__name__}")
         array = _numpy(array)
         expected = graph_input.dtype
@@ -558,30 +583,6 @@ def _is_iterator(data):
         return iter(data) is data
     except TypeError:
         return False
-
-
-def _labelled_batches(data, batch_size, argument):
-    """An iterator of `(x, y)` per batch of `data`, `y` None where there are no labels. Arrays are
-    split by `keras_bn.population._batches`, their labels alongside; iterables give their
-    elements' `x` and `y` as `estimate_population_statistics` reads their `x`."""
-    if _array_inputs(data) is not None:
-        return _labelled_array_batches(data, batch_size)
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(
-            f"{argument} must be an array, a tuple (x, y) of arrays, a dict of arrays or an "
-            f"iterable of batches. Received: {type(data).__name__}"
-        ) from None
-    return ((element[0], element[1] if len(element) > 1 else None)
-            if isinstance(element, tuple) else (element, None) for element in iterator)
-
-
-def _labelled_array_batches(data, batch_size):
-    labels = data[1] if isinstance(data, tuple) and len(data) > 1 else None
-    for index, x in enumerate(_batches(data, batch_size)):
-        window = operator.itemgetter(slice(index * batch_size, (index + 1) * batch_size))
-        yield x, None if labels is None else keras.tree.map_structure(window, labels)
 
 
 def _session(model):

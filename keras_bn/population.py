@@ -96,7 +96,7 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         total = steps if steps is not None else _length(data, batch_size)
         progbar = keras.utils.Progbar(total, verbose=0 if verbose == 0 else 1, unit_name="batch")
         # islice stops before reading batch `steps + 1`: a generator keeps it for the next call.
-        for x in itertools.islice(_batches(data, batch_size), steps):
+        for x in itertools.islice(Batches(data, batch_size), steps):
             size = _batch_length(x)
             statistics = forward(x).astype("float64")
             _check_finite(model, layers, statistics, f"batch {used} (counting from 0)", x)
@@ -280,27 +280,78 @@ def _array_inputs(data):
     return None
 
 
-def _batches(data, batch_size):
-    """Yields the model inputs `x` of each batch of `data` (see
-    `estimate_population_statistics`)."""
-    x = _array_inputs(data)
-    if x is not None:
-        for start in range(0, _batch_length(x), batch_size):
-            window = slice(start, start + batch_size)
-            yield keras.tree.map_structure(lambda a, window=window: a[window], x)
-        return
-    if isinstance(data, keras.utils.PyDataset):
-        iterator = (data[index] for index in range(len(data)))
-    else:
-        try:
-            iterator = iter(data)
-        except TypeError:
-            raise TypeError(
-                "`data` must be an array, a tuple (x, y) of arrays, a dict of arrays or an "
-                f"iterable of batches. Received: {type(data).__name__}"
-            ) from None
-    for element in iterator:
-        yield element[0] if isinstance(element, tuple) else element
+class Batches:
+    """The mini-batches of data in every form `estimate_population_statistics` takes.
+
+    Arrays (a NumPy array or tensor, a dict of arrays, or a tuple `(x, y[, sample_weight])` of
+    arrays as `model.fit` takes them) are split into batches of `batch_size`, labels alongside
+    their inputs. An iterable of batches (a `tf.data.Dataset`, a generator, a list; a
+    `keras.utils.PyDataset` is read by index) gives its elements, each `x` or
+    `(x, y[, sample_weight])`. `export.quantization` calibrates int8 graphs on the same data.
+
+    Args:
+        data: the data, in one of the forms above.
+        batch_size: the batch size of array data; iterables keep their own batches.
+        steps: the most batches iterated; an iterator is never read past them. `None`: all.
+        labels: iterate `(x, y)` pairs (`y` is `None` where the data holds no labels) rather
+            than the inputs `x` alone.
+        name: what the data is called in error messages.
+
+    Attributes:
+        inputs: the inputs `x` of array data, all of them (an array or a dict of arrays), or
+            `None` for an iterable.
+        count: the number of batches iteration gives, for a progress bar: at most `steps`,
+            `steps` when an iterable does not say its length, `None` when neither is known.
+
+    Raises:
+        TypeError: on `iter()`, when `data` is neither arrays nor an iterable.
+
+    Example:
+
+    >>> [x.shape for x in Batches(np.zeros((70, 3)), batch_size=32)]
+    [(32, 3), (32, 3), (6, 3)]
+    """
+
+    def __init__(self, data, batch_size, steps=None, labels=False, name="data"):
+        self.data = data
+        self.batch_size = batch_size
+        self.steps = steps
+        self.labels = labels
+        self.name = name
+        self.inputs = _array_inputs(data)
+        count = _length(data, batch_size)
+        if steps is not None:
+            count = steps if count is None else min(count, steps)
+        self.count = count
+
+    def __iter__(self):
+        pairs = self._array_pairs() if self.inputs is not None else self._element_pairs()
+        batches = pairs if self.labels else (x for x, _ in pairs)
+        return itertools.islice(batches, self.steps)
+
+    def _array_pairs(self):
+        data = self.data
+        labels = data[1] if isinstance(data, tuple) and len(data) > 1 else None
+        for start in range(0, _batch_length(self.inputs), self.batch_size):
+            window = slice(start, start + self.batch_size)
+            x = keras.tree.map_structure(lambda a, window=window: a[window], self.inputs)
+            yield x, None if labels is None else labels[window]
+
+    def _element_pairs(self):
+        """`(x, y)` per element of an iterable, `y` None where it holds no labels; raises the
+        TypeError of a non-iterable at once rather than on the first batch."""
+        if isinstance(self.data, keras.utils.PyDataset):
+            iterator = (self.data[index] for index in range(len(self.data)))
+        else:
+            try:
+                iterator = iter(self.data)
+            except TypeError:
+                raise TypeError(
+                    f"`{self.name}` must be an array, a tuple (x, y) of arrays, a dict of arrays "
+                    f"or an iterable of batches. Received: {type(self.data).__name__}"
+                ) from None
+        return ((element[0], element[1] if len(element) > 1 else None)
+                if isinstance(element, tuple) else (element, None) for element in iterator)
 
 
 def _batch_length(x):

@@ -10,11 +10,12 @@ import textwrap
 import time
 
 import keras
+import numpy as np
 import pytest
 
 import keras_bn
 from export import __main__ as cli
-from export import onnx_export
+from export import onnx_export, quantization
 from export.__main__ import main
 
 BIN = os.path.dirname(sys.executable)
@@ -61,11 +62,19 @@ def test_missing_and_foreign_files(tmp_path, capsys):
 
 
 def test_unsupported_model(tmp_path, capsys):
-    inputs = keras.Input((None, 4))
-    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "ragged.keras")
-    status = main([str(tmp_path / "ragged.keras"), "-o", str(tmp_path / "out.onnx")])
-    _assert_one_line_failure(capsys, status, 2, "every input dimension but the batch")
+    inputs = keras.Input((4,), batch_size=2)
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "fixed_batch.keras")
+    status = main([str(tmp_path / "fixed_batch.keras"), "-o", str(tmp_path / "out.onnx")])
+    _assert_one_line_failure(capsys, status, 2, "first dimension must be None")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unknown_dimensions_and_dynamic_sizes(tmp_path, capsys):
+    inputs = keras.Input((None, 4), name="steps")
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "sequence.keras")
+    assert main([str(tmp_path / "sequence.keras"), "--dynamic-sizes", "5,9"]) == 0
+    assert "unknown dimensions at sizes 5, 9" in capsys.readouterr().out
+    assert (tmp_path / "sequence.onnx").exists()
 
 
 def test_unwritable_output(saved_model, tmp_path, capsys):
@@ -125,9 +134,13 @@ def test_version_of_a_source_tree_that_was_never_installed(monkeypatch, capsys):
     assert capsys.readouterr().out == f"keras-bn-export {keras_bn.__version__}\n"
 
 
-def test_opsets_match_the_exporter():
+def test_opsets_and_defaults_match_the_exporter():
     assert (cli.MIN_OPSET, cli.MAX_OPSET, cli.DEFAULT_OPSET) == (
         onnx_export.MIN_OPSET, onnx_export.MAX_OPSET, onnx_export.DEFAULT_OPSET)
+    assert cli.DEFAULT_DYNAMIC_SIZES == onnx_export.DEFAULT_DYNAMIC_SIZES
+    assert cli.CALIBRATION_METHODS == tuple(sorted(quantization.CALIBRATION_METHODS))
+    assert cli.DEFAULT_CALIBRATION_BATCHES == quantization.DEFAULT_MAX_BATCHES
+    assert cli.DEFAULT_MIN_AGREEMENT == quantization.DEFAULT_MIN_AGREEMENT
 
 
 # Every mistake the command line can see in its arguments and paths: (arguments, fragment of the
@@ -147,6 +160,44 @@ MISTAKES = [
     (["MODEL", "--tolerance", "nan"], "argument --tolerance"),
     (["MODEL", "--input-names", "a,a"], "argument --input-names: expected unique names"),
     (["MODEL", "--output-names", "a,"], "argument --output-names"),
+    (["MODEL", "--dynamic-sizes", "32"], "argument --dynamic-sizes: expected at least two"),
+    # int8: options that do not go together, and data files refused before the model is read.
+    (["MODEL", "--int8"], "--int8 needs --calibration DATA"),
+    (["MODEL", "--calibration", "x.npy"], "--calibration only go with --int8"),
+    (["MODEL", "--min-agreement", "0.5"], "--min-agreement only go with --int8"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--float16-weights"],
+     "--float16-weights does not go with --int8"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--min-agreement", "1.5"],
+     "argument --min-agreement: expected a number from 0 to 1, got '1.5'"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--calibration-batches", "0"],
+     "argument --calibration-batches: expected a positive integer"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--calibration-method", "kl"],
+     "argument --calibration-method: invalid choice: 'kl'"),
+    (["MODEL", "--int8", "--calibration", "absent.npy"], "--calibration absent.npy: no such file"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--validation", "absent.npz"],
+     "--validation absent.npz: no such file"),
+    (["MODEL", "--int8", "--calibration", "data.csv"],
+     "--calibration data.csv: expected a .npy file (one array of inputs) or a .npz file"),
+    (["MODEL", "--int8", "--calibration", "nan.npy"],
+     "--calibration nan.npy: holds 2 NaN and 0 infinite values (shape (4, 3))"),
+    (["MODEL", "--int8", "--calibration", "inf.npz"],
+     "--calibration inf.npz, array 'x': holds 0 NaN and 1 infinite values"),
+    (["MODEL", "--int8", "--calibration", "empty.npy"],
+     "--calibration empty.npy: is empty (shape (0, 3))"),
+    (["MODEL", "--int8", "--calibration", "strings.npy"],
+     "--calibration strings.npy: holds <U32 values; expected numbers"),
+    (["MODEL", "--int8", "--calibration", "objects.npy"],
+     "--calibration objects.npy: holds Python objects (a pickle)"),
+    (["MODEL", "--int8", "--calibration", "scalar.npy"], "holds a single number"),
+    (["MODEL", "--int8", "--calibration", "corrupt.npy"],
+     "--calibration corrupt.npy: cannot be read as a NumPy file"),
+    (["MODEL", "--int8", "--calibration", "no_arrays.npz"], "the .npz file holds no arrays"),
+    (["MODEL", "--int8", "--calibration", "labels_only.npz"], "holds labels ('y') but no inputs"),
+    (["MODEL", "--int8", "--calibration", "two_labels.npz"], "labels under both 'y' and 'labels'"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--validation", "ragged.npz"],
+     "--validation ragged.npz: arrays of different lengths {'x': 4, 'y': 3}"),
+    (["MODEL", "--int8", "--calibration", "nan_labels.npz"],
+     "labels 'labels': holds 1 NaN"),
 ]
 
 CHECK_MISTAKES = """
@@ -171,11 +222,38 @@ print(json.dumps({"results": results, "loaded": loaded}))
 """
 
 
+def _with_nan(array, count):
+    array = array.astype("float32")
+    array.flat[:count] = np.nan
+    return array
+
+
+def _with_inf(array):
+    array = array.copy()
+    array.flat[-1] = np.inf
+    return array
+
+
 def test_mistakes_are_reported_before_tensorflow_is_imported(tmp_path):
     """Each mistake is one line and exit status 2, in a process that never imports Keras."""
     (tmp_path / "model.keras").write_text("never loaded")
     (tmp_path / "model.h5").write_text("")
     (tmp_path / "folder.keras").mkdir()
+    x = np.zeros((4, 3), "float32")
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "data.csv").write_text("1,2,3")
+    np.save(tmp_path / "nan.npy", _with_nan(x, 2))
+    np.savez(tmp_path / "inf.npz", x=_with_inf(x))
+    np.save(tmp_path / "empty.npy", x[:0])
+    np.save(tmp_path / "strings.npy", x.astype(str))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "scalar.npy", np.float32(1))
+    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    np.savez(tmp_path / "no_arrays.npz")
+    np.savez(tmp_path / "labels_only.npz", y=np.arange(4))
+    np.savez(tmp_path / "two_labels.npz", x=x, y=np.arange(4), labels=np.arange(4))
+    np.savez(tmp_path / "ragged.npz", x=x, y=np.arange(3))
+    np.savez(tmp_path / "nan_labels.npz", x=x, labels=_with_nan(np.arange(4.0), 1))
     arguments = [[("model.keras" if a == "MODEL" else a) for a in args] for args, _ in MISTAKES]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(CHECK_MISTAKES),

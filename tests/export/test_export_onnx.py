@@ -259,6 +259,8 @@ def test_failed_write_leaves_no_partial_file(model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("kwargs, match", [
     ({"opset": 5}, "opset must be an integer from 13 to 18"),
     ({"batch_sizes": (2, 2)}, "two different positive sizes"),
+    ({"dynamic_sizes": (32,)}, "dynamic_sizes must hold at least two different positive sizes"),
+    ({"dynamic_sizes": (0, 32)}, "dynamic_sizes must hold"),
     ({"tolerance": 0}, "tolerance must be a positive"),
     ({"input_names": ["a", "b"]}, "input_names must hold 1"),
     ({"output_names": ["image"]}, "input and output names must differ"),
@@ -288,13 +290,91 @@ def test_bad_paths_and_models(model, tmp_path):
     with pytest.raises(TypeError, match="keras.Model"):
         export.to_onnx(np.zeros(3), tmp_path / "x.onnx")
 
-    dynamic = keras.Input((None, None, 3))
-    any_size = keras.Model(dynamic, keras.layers.Conv2D(2, 3)(dynamic))
-    with pytest.raises(ValueError, match="every input dimension but the batch"):
-        export.to_onnx(any_size, tmp_path / "x.onnx")
+    fixed = keras.Input((4,), batch_size=2)
+    fixed_batch = keras.Model(fixed, keras.layers.Dense(2)(fixed))
+    with pytest.raises(ValueError, match="first dimension must be None. Received: input .* "
+                                         r"with shape \(2, 4\)"):
+        export.to_onnx(fixed_batch, tmp_path / "x.onnx")
     flat = keras.Input((5,))
     dense = keras.Model(flat, keras.layers.Dense(2)(flat))
     with pytest.raises(ValueError, match="rank-4"):
         export.to_onnx(dense, tmp_path / "x.onnx", channels_first=True)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["model.keras", "notes.keras",
                                                           "weights.h5"]
+
+
+def _fully_convolutional(randomize):
+    inputs = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    return randomize(keras.Model(inputs, keras.layers.Dense(5, name="logits")(pooled)))
+
+
+def test_unknown_height_and_width_export_as_dynamic_axes(tmp_path, randomize, monkeypatch):
+    """keras.Input((None, None, 3)): the graph takes any size, verified at two sizes."""
+    model = _fully_convolutional(randomize)
+    drawn = []
+    random_batch = onnx_export._random_batch
+    monkeypatch.setattr(onnx_export, "_random_batch", lambda *args: drawn.append(
+        [a.shape for a in random_batch(*args)]) or random_batch(*args))
+    path = tmp_path / "any_size.onnx"
+    result = export.to_onnx(model, path)
+    assert drawn == [[(1, 32, 32, 3)], [(3, 64, 64, 3)]]  # both kinds of dimension vary
+    assert result.dynamic_sizes == (32, 64) and result.batch_sizes == (1, 3)
+    assert "(batch sizes 1, 3; unknown dimensions at sizes 32, 64)" in result.summary()
+    dims = [d.dim_value or d.dim_param for d in onnx.load(path).graph.input[0].type.tensor_type
+            .shape.dim]
+    assert dims == ["batch", "image_dim1", "image_dim2", 3]
+    assert result.input_shapes == [tuple(dims)] and result.folded and result.max_error < 1e-4
+    for shape in [(2, 16, 12, 3), (1, 45, 23, 3)]:
+        x = np.random.default_rng(sum(shape)).standard_normal(shape).astype("float32")
+        (got,) = _run(path, {"image": x})
+        assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
+
+    drawn.clear()
+    result = export.to_onnx(model, path, batch_sizes=(2, 1, 4), dynamic_sizes=(16, 12),
+                            channels_first=True)
+    assert drawn == [[(2, 16, 16, 3)], [(1, 12, 12, 3)], [(4, 16, 16, 3)]]
+    assert result.input_shapes == [("batch", 3, "image_dim2", "image_dim3")]
+    x = np.random.default_rng(0).standard_normal((2, 16, 12, 3)).astype("float32")
+    (got,) = _run(path, {"image": x.transpose(0, 3, 1, 2)})
+    assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
+    # Known dimensions: dynamic_sizes has nothing to size, and is not reported.
+    drawn.clear()
+    assert export.to_onnx(_two_in_two_out(), path).dynamic_sizes == ()
+    assert drawn == [[(1, 3), (1, 6, 6, 2)], [(3, 3), (3, 6, 6, 2)]]  # in model.inputs order
+
+
+def test_unknown_sequence_length(tmp_path):
+    inputs = keras.Input((None, 4), name="steps")
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(6)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    path = tmp_path / "sequence.onnx"
+    result = export.to_onnx(model, path)
+    assert result.input_shapes == [("batch", "steps_dim1", 4)] and result.max_error < 1e-4
+    x = np.random.default_rng(1).standard_normal((3, 7, 4)).astype("float32")
+    (got,) = _run(path, {"steps": x})
+    assert _relative_error(got, keras.ops.convert_to_numpy(model(x, training=False))) < 1e-4
+
+
+def test_a_wrong_dynamic_size_fails_verification(tmp_path, randomize, monkeypatch):
+    """A graph right at one size and wrong at another is caught by the second size."""
+    model = _fully_convolutional(randomize)
+    right = onnx_export._session
+
+    class WrongAtSize64:
+        def __init__(self, data):
+            self.session = right(data)
+
+        def run(self, names, feed):
+            outputs = self.session.run(names, feed)
+            return [o * 2 if feed["image"].shape[1] == 64 else o for o in outputs]
+
+    monkeypatch.setattr(onnx_export, "_session", WrongAtSize64)
+    with pytest.raises(export.VerificationError, match=r"differs from Keras .* \(batch size 3, "
+                                                       r"unknown dimensions 64\)"):
+        export.to_onnx(model, tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
