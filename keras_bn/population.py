@@ -31,6 +31,13 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
     BN layers with `trainable=False` are frozen on purpose (fine-tuning) and are left as they are.
     Other training-mode behaviour (dropout) is active during the pass, as in training.
 
+    In a multi-process JAX run (`jax.process_count() > 1`, as under
+    `keras.distribution.DataParallel(auto_shard_dataset=False)`), every process calls it with its
+    own shard of the training data, as `fit` takes it; shards may hold different numbers of
+    batches. Each process runs its own batches, and the sums of their statistics and example
+    counts are added up across processes, so every process ends with the statistics of all shards
+    together. If it fails in one process, it raises in every process and changes no model.
+
     Args:
         model: A built Keras model containing BN layers.
         data: Training inputs: a NumPy array or tensor (split into batches of `batch_size`), a
@@ -46,7 +53,8 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
 
     Returns:
         The number of batches used, an int: every batch of `data`, or `steps` of them when
-        `data` has more. The statistics average over them, each batch weighted by its size.
+        `data` has more (in a multi-process run, the sum over processes, each of which uses at
+        most `steps`). The statistics average over them, each batch weighted by its size.
 
     Raises:
         ValueError: if the model has no trainable BN layer, is not built, `data` yields no batch,
@@ -84,7 +92,8 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
 
     saved_values = [ops.convert_to_numpy(v) for v in model.non_trainable_variables]
     saved_momenta = [layer.momentum for layer in layers]
-    sums = 0.0  # size-weighted sums of every layer's (mu_B, sigma2_B), as one float64 vector
+    # Size-weighted sums of every layer's (mu_B, sigma2_B), as one float64 vector.
+    sums = np.zeros(sum(int(np.prod(v.shape)) for v in _statistics(layers)))
     examples = 0
     used = 0
     try:
@@ -95,15 +104,26 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         forward = _training_forward(model, layers)
         total = steps if steps is not None else _length(data, batch_size)
         progbar = keras.utils.Progbar(total, verbose=0 if verbose == 0 else 1, unit_name="batch")
-        # islice stops before reading batch `steps + 1`: a generator keeps it for the next call.
-        for x in itertools.islice(Batches(data, batch_size), steps):
-            size = _batch_length(x)
-            statistics = forward(x).astype("float64")
-            _check_finite(model, layers, statistics, f"batch {used} (counting from 0)", x)
-            sums = sums + size * statistics
-            examples += size
-            used += 1
-            progbar.update(used)
+        failure = None
+        try:
+            # islice stops before reading batch `steps + 1`: a generator keeps it for the next call.
+            for x in itertools.islice(Batches(data, batch_size), steps):
+                size = _batch_length(x)
+                statistics = forward(x).astype("float64")
+                _check_finite(model, layers, statistics, f"batch {used} (counting from 0)", x)
+                sums = sums + size * statistics
+                examples += size
+                used += 1
+                progbar.update(used)
+        except Exception as error:
+            # The other processes of a multi-process run wait for this one's sums: they learn
+            # of the failure from them, and every process raises.
+            if not _is_multiprocess():
+                raise
+            failure = error
+        sums, examples, used = _sum_over_processes(sums, examples, used, failure is not None)
+        if failure is not None:
+            raise failure
         if not used:
             raise ValueError("`data` yielded no batch: population statistics need training data.")
         averages = _per_statistic(sums / examples, layers)
@@ -134,6 +154,44 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         f"; left {len(frozen)} frozen layers as they were" if frozen else "",
     )
     return used
+
+
+def _is_multiprocess():
+    """Whether this is one of several processes of JAX's multi-process runtime."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.process_count() > 1
+
+
+def _sum_over_processes(sums, examples, used, failed):
+    """`sums`, `examples` and `used` summed over the processes of a multi-process JAX run, where
+    each process estimates on its own shard of the data (as `fit` takes it under
+    `keras.distribution.DataParallel(auto_shard_dataset=False)`); unchanged in a single process.
+
+    Every process must call it once per estimate, whatever its number of batches: the sums travel
+    in one `process_allgather`. `failed` says this process failed; the others then raise a
+    ValueError naming it.
+    """
+    if not _is_multiprocess():
+        return sums, examples, used
+    import jax
+    from jax.experimental import multihost_utils
+
+    local = np.concatenate([[float(failed), examples, used], sums]).astype("float64")
+    # JAX without x64 would round float64 to float32 on the way: the bits travel as uint32.
+    gathered = np.asarray(multihost_utils.process_allgather(local.view("uint32")))
+    gathered = np.ascontiguousarray(gathered).view("float64").reshape(jax.process_count(), -1)
+    failed_processes = np.flatnonzero(gathered[:, 0]).tolist()
+    if failed_processes and not failed:
+        raise ValueError(
+            "estimate_population_statistics() failed in process(es) "
+            f"{failed_processes} of {jax.process_count()} (see their error); no BN layer was "
+            f"changed in process {jax.process_index()} either."
+        )
+    total = gathered.sum(axis=0)
+    return total[3:], int(total[1]), int(total[2])
 
 
 def _check_finite(model, layers, statistics, where, x=None):
