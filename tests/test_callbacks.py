@@ -1,5 +1,10 @@
 """keras_bn.PopulationStatistics: Algorithm 2's statistics before every validation of `fit`."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -144,3 +149,59 @@ def test_refuses_bad_arguments():
     with pytest.raises(ValueError, match="one-pass iterator"):
         keras_bn.PopulationStatistics(iter([x]))
     keras_bn.PopulationStatistics(iter([x]), steps=1)  # an endless stream with a bound is fine
+
+
+MIRRORED_SCRIPT = """
+import json
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, keras_bn
+
+rng = np.random.default_rng(0)
+x = rng.normal(1, 2, (64, 5, 5, 3)).astype("float32")
+y = rng.normal(size=(64, 1)).astype("float32")
+
+def build(synchronized):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((5, 5, 3)), keras.layers.Conv2D(4, 3),
+        keras_bn.BatchNormalization(synchronized=synchronized, name="bn"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1),
+    ])
+    model.compile("sgd", "mse")
+    return model
+
+def bn_statistics(model):
+    bn = model.get_layer("bn")
+    return [keras.ops.convert_to_numpy(v).tolist() for v in (bn.moving_mean, bn.moving_variance)]
+
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    model = build(True)
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                        validation_data=(x[:16], y[:16]),
+                        callbacks=[keras_bn.PopulationStatistics(x, batch_size=16)])
+reference = build(False)
+reference.set_weights(model.get_weights())
+keras_bn.estimate_population_statistics(reference, x, batch_size=16, verbose=0)
+print("RESULT" + json.dumps({
+    "statistics": bn_statistics(model), "expected": bn_statistics(reference),
+    "val_loss": history.history["val_loss"][-1],
+    "expected_val_loss": reference.evaluate(x[:16], y[:16], verbose=0),
+}))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")
+def test_under_mirrored_strategy_with_synchronized_bn():
+    # Two logical CPU devices must be set before TensorFlow starts: a fresh interpreter.
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True,
+                               text=True, env=env, timeout=300)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, completed.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT"):])
+    for got, want in zip(result["statistics"], result["expected"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result["val_loss"], result["expected_val_loss"], rtol=1e-5)
