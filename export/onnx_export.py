@@ -611,19 +611,6 @@ def _describe_runs(runs):
                      for batch_size, size in runs)
 
 
-def _random_batch(inputs, batch_size, size, rng):
-    """Random inputs as `keras_bn.verification.random_inputs` draws them (standard normal floats,
-    0 or 1 for integers and bools), with `size` for every unknown dimension but the batch."""
-    arrays = []
-    for spec in inputs:
-        shape = [batch_size] + [size if dim is None else dim for dim in spec.shape[1:]]
-        if "float" in spec.dtype:
-            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
-        else:  # integer ids or flags: 0 and 1 are valid for any embedding or lookup
-            arrays.append(rng.integers(0, 2, shape).astype(spec.dtype))
-    return arrays
-
-
 def _session(data):
     import onnxruntime
 
@@ -642,7 +629,7 @@ def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed):
     for batch_size, size in runs:
         where = f"batch size {batch_size}" + ("" if size is None else f", unknown dimensions "
                                               f"{size}")
-        arrays = _random_batch(inputs, batch_size, size, rng)
+        arrays = verification.random_inputs(model, batch_size, seed=rng, unknown_size=size)
         expected = keras.tree.flatten(
             model(verification.as_model_input(model, arrays), training=False))
         feed = {spec.name: (np.transpose(x, (0, 3, 1, 2)) if spec.name in nchw else x)

@@ -131,24 +131,24 @@ def why_statistics_unusable(bn_layer):
     return None
 
 
-def random_inputs(model, batch_size=_BATCH_SIZE, seed=0):
+def random_inputs(model, batch_size=_BATCH_SIZE, seed=0, unknown_size=None):
     """One random batch for `model.inputs`: standard normal floats, 0 or 1 for integers and bools.
-
-    Dimensions the model leaves unknown (other than the batch) get size 32.
 
     Args:
         model: a built `keras.Model`.
         batch_size: the size of the first dimension.
         seed: an integer, or a `numpy.random.Generator` to draw from (successive batches differ).
+        unknown_size: the size of every other dimension the model leaves unknown (None: 32).
 
     Returns:
         A list of NumPy arrays, one per `model.inputs`, in that order (`as_model_input` puts them
         in the structure the model is called with).
     """
     rng = np.random.default_rng(seed)
+    unknown_size = _UNKNOWN_DIMENSION if unknown_size is None else unknown_size
     batch = []
     for tensor in model.inputs:
-        shape = [batch_size] + [_UNKNOWN_DIMENSION if d is None else d for d in tensor.shape[1:]]
+        shape = [batch_size] + [unknown_size if d is None else d for d in tensor.shape[1:]]
         dtype = keras.backend.standardize_dtype(tensor.dtype)
         if "float" in dtype:
             batch.append(rng.standard_normal(shape).astype(dtype))
