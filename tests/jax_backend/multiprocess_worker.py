@@ -5,8 +5,8 @@
 joins JAX's multi-process runtime of N processes (CPU collectives over gloo), and under
 `keras.distribution.DataParallel(auto_shard_dataset=False)` trains on its share of every global
 batch, estimates population statistics from its own, uneven, shard of the training data, and
-trains on with `keras_bn.PopulationStatistics`; then it estimates again on a shard that holds a
-NaN in process 1. It writes what it ended with to the `.npz` file
+trains on with `keras_bn.PopulationStatistics`; process 0 saves the model. Then it estimates again
+on a shard that holds a NaN in process 1. It writes what it ended with to the `.npz` file
 OUT. The test runs the same `run` in one process on the whole data and compares.
 """
 
@@ -75,8 +75,10 @@ def weights(model, prefix):
     return {f"{prefix}/{v.path}": keras.ops.convert_to_numpy(v) for v in model.weights}
 
 
-def run(layer, process_id=0, num_processes=1, global_batch=GLOBAL_BATCH, train_only=False):
-    """Trains, estimates and trains on with the callback; returns every result by name."""
+def run(layer, process_id=0, num_processes=1, global_batch=GLOBAL_BATCH, train_only=False,
+        save_to=None):
+    """Trains, estimates and trains on with the callback; returns every result by name. Process
+    0 then saves the model to `save_to`, if given."""
     x, y, x_val, y_val = training_data()
 
     def share(array):
@@ -103,7 +105,20 @@ def run(layer, process_id=0, num_processes=1, global_batch=GLOBAL_BATCH, train_o
     )
     out[f"val_loss/{layer}"] = np.array(history.history["val_loss"])
     out.update(weights(model, f"callback/{layer}"))
+    if save_to and process_id == 0:
+        save_outside_the_distribution(model, save_to)
     return out
+
+
+def save_outside_the_distribution(model, path):
+    """`model.save` from one process. Saving creates a variable (Keras's optimizer check), which
+    under the multi-process distribution would wait for every process to create it too."""
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        model.save(path)
+    finally:
+        keras.distribution.set_distribution(distribution)
 
 
 def failed_estimate(process_id):
@@ -137,7 +152,8 @@ def main(coordinator, num_processes, process_id, output):
     out = {"process_count": np.array(jax.process_count()),
            "device_count": np.array(jax.device_count())}
     for layer in LAYERS:
-        out.update(run(layer, process_id, num_processes))
+        out.update(run(layer, process_id, num_processes,
+                       save_to=output.replace(".npz", f"_{layer}.keras")))
     out.update(failed_estimate(process_id))
     np.savez(output, **out)
 

@@ -7,7 +7,8 @@ statistics: the weights and moving statistics equal those of one process trainin
 batch, with keras_bn's layer as with Keras's. `estimate_population_statistics`, given 3 batches in
 one process and 5 in the other, gives both the statistics of all 8, and so does
 `keras_bn.PopulationStatistics` during `fit`; an estimate that fails in one process fails in both,
-leaving the model as it was, instead of leaving the other process waiting.
+leaving the model as it was, instead of leaving the other process waiting. Process 0 alone saves
+the model, outside the distribution.
 """
 
 import os
@@ -63,7 +64,7 @@ def wait_for(workers, folder):
     )
     codes = [process.poll() for process, _ in workers]
     assert codes == [0] * PROCESSES, f"exit codes {codes} (None: still running)\n{logs}"
-    return [dict(np.load(folder / f"process_{i}.npz")) for i in range(PROCESSES)]
+    return [{**np.load(folder / f"process_{i}.npz"), "folder": folder} for i in range(PROCESSES)]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,17 @@ def test_a_failed_estimate_in_one_process_fails_every_process_and_changes_nothin
     assert "non-finite statistics" in str(per_process[1]["failure/message"])
     assert "failed in process(es) [1] of 2" in str(per_process[0]["failure/message"])
     assert all(bool(result["failure/unchanged"]) for result in per_process)
+
+
+@pytest.mark.parametrize("layer", list(worker.LAYERS))
+def test_process_0_saves_the_model_alone(results, layer):
+    import keras
+
+    per_process, _, _ = results
+    folder = per_process[0]["folder"]
+    assert not (folder / f"process_1_{layer}.keras").exists()
+    saved = keras.saving.load_model(folder / f"process_0_{layer}.keras").get_weights()
+    trained = [per_process[1][name] for name in keys(per_process[1], f"callback/{layer}/")]
+    assert len(saved) == len(trained)
+    for got, want in zip(saved, trained):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
