@@ -142,6 +142,11 @@ def test_demo_quick(tmp_path, capsys):
     assert summary["onnx"]["max_error_test_set"] < 1e-4
     assert summary["accuracy"]["onnxruntime"] == pytest.approx(
         summary["accuracy"]["population_statistics"], abs=1e-6)
-    assert set(summary["latency_ms"]["1"]) == {"keras_unfolded", "keras_folded", "onnxruntime"}
+    assert set(summary["latency_ms"]["1"]) == {"keras_unfolded", "keras_folded", "onnxruntime",
+                                               "onnxruntime_int8"}
+    assert os.path.isfile(tmp_path / "bn_inception_digits.int8.onnx")
+    assert summary["int8"]["node_counts"]["QuantizeLinear"] > 0
+    assert "BatchNormalization" not in summary["int8"]["node_counts"]
+    assert 0.0 <= summary["accuracy"]["onnxruntime_int8"] <= 1.0
     out = capsys.readouterr().out
     assert "steps to" in out and "onnxruntime" in out
