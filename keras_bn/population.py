@@ -80,7 +80,13 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
     layers = [
         layer
         for layer in _keras_internals.flatten_layers(model)  # nested models included, in order
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.built
+        # has_batch_statistics: a layer that holds a BN inside (keras_bn's fused QAT layers), with
+        # BN's momentum, moving_mean and moving_variance and its update rule.
+        if (
+            isinstance(layer, keras.layers.BatchNormalization)
+            or getattr(layer, "has_batch_statistics", False)
+        )
+        and layer.built
     ]
     frozen = [layer.name for layer in layers if not layer.trainable]
     layers = [layer for layer in layers if layer.trainable]

@@ -1,0 +1,68 @@
+"""Fake quantization of kernels and activations on `keras.quantizers.fake_quant_with_min_max_vars`.
+
+The two grids onnxruntime's default QDQ int8 graph uses (`quantize_static` with
+`QuantFormat.QDQ`):
+
+- kernels: signed, symmetric, narrow range, one scale per output channel: the integers
+  `-(2^(b-1) - 1) .. 2^(b-1) - 1` times `max|w_c| / (2^(b-1) - 1)`;
+- activations: unsigned, asymmetric, one scale and zero point per tensor: `0 .. 2^b - 1`, over a
+  range `[min, max]` widened to hold 0, so that 0 is exact (zero padding, ReLU).
+
+Keras's fake quantization rounds in the forward pass and passes gradients straight through
+inside the range (the straight-through estimator of Jacob et al. 2018, Sec. 3.1); the ranges here
+are statistics of the data, never trained, so no gradient flows into them.
+"""
+
+from keras import ops, quantizers
+
+# A channel whose weights are all zero has range [0, 0]; a tiny range keeps the quantization
+# step finite there (its weights stay exactly zero) rather than dividing by zero.
+_TINY_RANGE = 1e-12
+
+
+def fake_quantize_kernel(kernel, num_bits, axis=-1):
+    """`kernel` rounded to the symmetric per-channel integer grid of `num_bits`, as floats.
+
+    `q = clip(round(w / delta_c), -(2^(b-1) - 1), 2^(b-1) - 1) * delta_c` with
+    `delta_c = max|w_c| / (2^(b-1) - 1)`, the maximum taken over every axis but `axis`.
+
+    Args:
+        kernel: float tensor.
+        num_bits: integer from 2 to 16.
+        axis: the output-channel axis of `kernel`.
+
+    Returns:
+        A tensor like `kernel`; its gradient is the identity (straight through).
+    """
+    rank = len(kernel.shape)
+    axis = axis % rank
+    reduce_axes = tuple(i for i in range(rank) if i != axis)
+    bound = ops.stop_gradient(ops.max(ops.abs(kernel), axis=reduce_axes))
+    bound = ops.maximum(bound, _TINY_RANGE)
+    return quantizers.fake_quant_with_min_max_vars(
+        kernel, -bound, bound, num_bits=num_bits, narrow_range=True, axis=axis
+    )
+
+
+def fake_quantize_activations(x, minimum, maximum, num_bits):
+    """`x` rounded to the asymmetric unsigned per-tensor grid of `num_bits` over
+    `[min(minimum, 0), max(maximum, 0)]`, as floats.
+
+    `scale = (max - min) / (2^b - 1)`, `zero_point = round(-min / scale)`,
+    `q = (clip(round(x / scale) + zero_point, 0, 2^b - 1) - zero_point) * scale`: onnxruntime's
+    uint8 QuantizeLinear followed by DequantizeLinear.
+
+    Args:
+        x: float tensor.
+        minimum, maximum: float scalars, the range.
+        num_bits: integer from 2 to 16.
+
+    Returns:
+        A tensor like `x`; its gradient is the identity inside the range and 0 outside.
+    """
+    minimum = ops.minimum(ops.stop_gradient(ops.cast(minimum, "float32")), 0.0)
+    maximum = ops.maximum(ops.stop_gradient(ops.cast(maximum, "float32")), 0.0)
+    maximum = ops.maximum(maximum, minimum + _TINY_RANGE)
+    return quantizers.fake_quant_with_min_max_vars(
+        x, minimum, maximum, num_bits=num_bits, narrow_range=False
+    )

@@ -1,0 +1,189 @@
+"""prepare_qat: the model for quantization-aware training, each foldable Conv2D -> BN pair fused.
+
+Which pairs fold is `keras_bn.folding`'s decision, read from its plan (the private
+`keras_bn.folding.graph._plan`, so that QAT and `fold_batchnorm` never disagree on which BN
+folds); the rewrite is the same `clone_model` pass as folding's, with the fused layer in place of
+the convolution and the BN passing its input through.
+"""
+
+import logging
+
+import keras
+
+from keras_bn import _keras_internals, verification
+from keras_bn.folding import graph as folding_graph
+from keras_bn.folding.layouts import describe
+from keras_bn.folding.report import FoldReport
+from keras_bn.quantization.conv2d_batch_normalization import Conv2DBatchNormalization
+
+logger = logging.getLogger(__name__)
+
+_CONV_ARGUMENTS = (
+    "filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate", "groups",
+    "use_bias", "kernel_initializer", "bias_initializer",
+)
+_BN_ARGUMENTS = (
+    "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
+    "moving_mean_initializer", "moving_variance_initializer",
+)
+
+
+def prepare_qat(model, weight_bits=8, activation_bits=8):
+    """A copy of `model` for quantization-aware training with BN folded into the convolutions.
+
+    Every `Conv2D -> BatchNormalization` pair that `keras_bn.fold_batchnorm` would fold into the
+    convolution becomes one `keras_bn.Conv2DBatchNormalization` layer (named after the
+    convolution), which trains with BN folded into a per-channel fake-quantized kernel and
+    fake-quantizes its input (Jacob et al. 2018, Sec. 3.2). The fused layer starts from the
+    pair's weights and moving statistics; Keras's BN keeps its biased variance convention
+    (`unbiased_variance=False`), keras_bn's its own. Every other layer is copied as it is and
+    stays in float, and so does every BN that does not fold into a preceding Conv2D: those that
+    `fold_batchnorm` leaves (with its reason), those it would fold into the following layer,
+    those after another kind of layer (Dense, DepthwiseConv2D, ...), renorm or ghost-batch BN,
+    and BN inside nested models.
+
+    Args:
+        model: a built Functional or Sequential `keras.Model` holding Keras's or keras_bn's
+            BatchNormalization.
+        weight_bits: bits of the kernels' signed per-channel grid (2 to 16), or `None` for float
+            kernels.
+        activation_bits: bits of the fused layers' unsigned per-tensor input grid (2 to 16), or
+            `None` for float inputs.
+
+    Returns:
+        A new, uncompiled Functional model with the same inputs and outputs; the original is
+        unchanged. Its attribute `qat_report` is a `keras_bn.FoldReport`: the BN fused (with the
+        layer they fused into), the BN kept in float and why, and the largest difference between
+        the two models' inference outputs on a random batch (the kernels' rounding; the inputs
+        are not quantized until training has seen a batch).
+
+    Raises:
+        TypeError: `model` is not a Functional or Sequential `keras.Model`.
+        ValueError: the model is not built, a BN layer holds unusable statistics, or a bit
+            width is out of range.
+
+    Example:
+
+    ```python
+    qat_model = keras_bn.prepare_qat(model)
+    qat_model.compile("adam", "sparse_categorical_crossentropy")
+    qat_model.fit(x, y, epochs=2)
+    keras_bn.freeze_bn_statistics(qat_model)
+    qat_model.fit(x, y, epochs=1)
+    ```
+    """
+    verification.check_graph_model(model, "prepare_qat()")
+    verification.check_batchnorm_statistics(model, "prepare_qat()")
+    for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                                 or not 2 <= bits <= 16):
+            raise ValueError(
+                f"`{name}` must be an integer from 2 to 16, or None for float. Received: {bits!r}"
+            )
+    functional = _keras_internals.functional_graph(model)
+    plan = folding_graph._plan(functional, prefix="")
+    fused, removed, report = _fusions(functional, plan, model.name)
+
+    clones = []
+
+    def clone_function(layer):
+        if id(layer) in removed:
+            return layer  # never called: call_function passes its input through
+        if id(layer) in fused:
+            conv, bn = layer, fused[id(layer)]
+            new_layer = _fused_layer(conv, bn, weight_bits, activation_bits)
+        else:
+            new_layer = layer.__class__.from_config(layer.get_config())
+        clones.append((layer, new_layer))
+        return new_layer
+
+    def call_function(layer, *args, **kwargs):
+        if id(layer) in removed:
+            return args[0]
+        return layer(*args, **kwargs)
+
+    clone = keras.models.clone_model(
+        functional,
+        input_tensors=keras.tree.map_structure(folding_graph._new_input, functional.input),
+        clone_function=clone_function,
+        call_function=call_function,
+    )
+    qat_model = keras.Model(clone.input, clone.output, name=model.name)
+    for layer, new_layer in clones:
+        if not isinstance(layer, keras.layers.Layer):
+            continue  # a keras.ops call in the graph: no weights
+        if id(layer) in fused:
+            _copy_pair_weights(layer, fused[id(layer)], new_layer)
+        else:
+            new_layer.set_weights(layer.get_weights())
+
+    batch = verification.as_model_input(model, verification.random_inputs(model))
+    report.max_error, report.scale = verification.output_error(
+        model(batch, training=False), qat_model(batch, training=False)
+    )
+    qat_model.qat_report = report
+    logger.info(report.summary_line())
+    logger.debug("%s", report)
+    return qat_model
+
+
+def _fusions(model, plan, model_name):
+    """`{id(conv): bn}` of the pairs to fuse, the ids of their BN, and the report."""
+    fused, removed, folded, left = {}, set(), [], list(plan.left)
+    before = set(plan.folded_before)
+    for bn_name, layer_name in plan.folded:
+        bn = model.get_layer(bn_name)
+        if bn_name in before:
+            left.append((bn_name, f"it folds into the following layer {layer_name}; QAT fuses a "
+                         "BN into the convolution before it only"))
+            continue
+        layer = model.get_layer(layer_name)
+        reason = _why_not_fused(layer, bn)
+        if reason is not None:
+            left.append((bn_name, reason))
+            continue
+        fused[id(layer)] = bn
+        removed.add(id(bn))
+        folded.append((bn_name, layer_name))
+    for layer in model.layers:
+        if isinstance(layer, keras.Sequential) or _keras_internals.is_functional(layer):
+            for inner in _keras_internals.flatten_layers(layer):
+                if isinstance(inner, keras.layers.BatchNormalization):
+                    left.append((f"{layer.name}/{inner.name}",
+                                 f"inside nested model {layer.name!r}; QAT fuses top-level pairs"))
+    return fused, removed, FoldReport(model_name, folded, (), left)
+
+
+def _why_not_fused(layer, bn):
+    if type(layer) is not keras.layers.Conv2D:
+        return (f"it folds into {describe(layer)}; QAT fuses Conv2D -> BatchNormalization only "
+                "so far, the rest stays in float")
+    if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None):
+        return f"{describe(bn)} uses renorm or virtual_batch_size, which the fused layer lacks"
+    return None
+
+
+def _fused_layer(conv, bn, weight_bits, activation_bits):
+    conv_config, bn_config = conv.get_config(), bn.get_config()
+    return Conv2DBatchNormalization(
+        **{name: conv_config[name] for name in _CONV_ARGUMENTS},
+        **{name: bn_config[name] for name in _BN_ARGUMENTS},
+        unbiased_variance=getattr(bn, "unbiased_variance", False),
+        weight_bits=weight_bits,
+        activation_bits=activation_bits,
+        trainable=conv.trainable and bn.trainable,
+        dtype=conv.dtype_policy,
+        name=conv.name,
+    )
+
+
+def _copy_pair_weights(conv, bn, fused):
+    fused.kernel.assign(conv.kernel)
+    if conv.use_bias:
+        fused.bias.assign(conv.bias)
+    if bn.scale:
+        fused.gamma.assign(bn.gamma)
+    if bn.center:
+        fused.beta.assign(bn.beta)
+    fused.moving_mean.assign(bn.moving_mean)
+    fused.moving_variance.assign(bn.moving_variance)

@@ -1,0 +1,315 @@
+"""Quantization-aware training: the fused Conv2D+BN layer against NumPy references of the folded,
+fake-quantized computation (Jacob et al. 2018, Sec. 3.2), prepare_qat, freezing, serialization."""
+
+import keras
+import numpy as np
+import pytest
+from reference import to_numpy
+
+import keras_bn
+from keras_bn._keras_internals import layer_test_case
+from keras_bn.quantization import fake_quantization
+
+EPSILON = 1e-3
+
+
+def conv2d_same(x, kernel):
+    """Stride-1 SAME convolution of NHWC `x` with an HWIO kernel, in float64."""
+    kh, kw = kernel.shape[:2]
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+    padded = np.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    out = np.zeros((*x.shape[:3], kernel.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, i : i + x.shape[1], j : j + x.shape[2], :]
+            out += window @ kernel[i, j]
+    return out
+
+
+def quantize_kernel(kernel, bits=8):
+    """Symmetric narrow-range per-output-channel rounding, as onnxruntime's int8 weights."""
+    levels = 2 ** (bits - 1) - 1
+    step = np.abs(kernel).max(axis=(0, 1, 2)) / levels
+    return np.clip(np.floor(kernel / step + 0.5), -levels, levels) * step
+
+
+def quantize_activations(x, minimum, maximum, bits=8):
+    """Asymmetric unsigned per-tensor QuantizeLinear -> DequantizeLinear."""
+    minimum, maximum = min(minimum, 0.0), max(maximum, 0.0)
+    scale = (maximum - minimum) / (2**bits - 1)
+    zero_point = np.round(-minimum / scale)
+    q = np.clip(np.floor(x / scale + 0.5) + zero_point, 0, 2**bits - 1)
+    return (q - zero_point) * scale
+
+
+def random_layer(rng, **kwargs):
+    layer = keras_bn.Conv2DBatchNormalization(4, 3, padding="same", **kwargs)
+    layer.build((None, 6, 6, 3))
+    layer.kernel.assign(rng.normal(0, 0.5, layer.kernel.shape))
+    if layer.bias is not None:
+        layer.bias.assign(rng.normal(0, 0.5, (4,)))
+    layer.gamma.assign(rng.uniform(0.5, 2.0, (4,)))
+    layer.beta.assign(rng.normal(0, 1, (4,)))
+    layer.moving_mean.assign(rng.normal(0, 1, (4,)))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, (4,)))
+    return layer
+
+
+def weights64(layer):
+    names = ("kernel", "gamma", "beta", "moving_mean", "moving_variance")
+    values = {name: to_numpy(getattr(layer, name)).astype("float64") for name in names}
+    values["bias"] = to_numpy(layer.bias).astype("float64") if layer.use_bias else 0.0
+    return values
+
+
+def test_training_forward_matches_folded_fake_quantized_reference():
+    rng = np.random.default_rng(0)
+    layer = random_layer(rng, use_bias=True, activation_bits=None)
+    w = weights64(layer)
+    x = rng.normal(1.0, 2.0, (5, 6, 6, 3)).astype("float32")
+
+    y = to_numpy(layer(x, training=True))
+
+    a = w["gamma"] / np.sqrt(w["moving_variance"] + EPSILON)
+    z = conv2d_same(x.astype("float64"), quantize_kernel(w["kernel"] * a)) / a + w["bias"]
+    mean, variance = z.mean((0, 1, 2)), z.var((0, 1, 2))
+    expected = w["gamma"] * (z - mean) / np.sqrt(variance + EPSILON) + w["beta"]
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=1e-4)
+    # Moving statistics: momentum 0.99, unbiased batch variance (m = 5 * 6 * 6).
+    m = 5 * 6 * 6
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), 0.99 * w["moving_mean"] + 0.01 * mean, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance),
+        0.99 * w["moving_variance"] + 0.01 * variance * m / (m - 1),
+        rtol=1e-5,
+    )
+
+
+def test_the_kernel_is_on_the_int8_grid():
+    rng = np.random.default_rng(1)
+    kernel = rng.normal(0, 1, (3, 3, 2, 5)).astype("float32")
+    quantized = to_numpy(fake_quantization.fake_quantize_kernel(keras.ops.array(kernel), 8))
+    np.testing.assert_allclose(quantized, quantize_kernel(kernel.astype("float64")), atol=1e-6)
+    steps = quantized / (np.abs(kernel).max(axis=(0, 1, 2)) / 127)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    assert np.abs(np.round(steps)).max() == 127
+
+
+def test_activation_fake_quantization_matches_uint8_quantize_dequantize():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.5, 2.0, (200,)).astype("float32")
+    y = to_numpy(fake_quantization.fake_quantize_activations(keras.ops.array(x), -1.5, 3.0, 8))
+    np.testing.assert_allclose(y, quantize_activations(x.astype("float64"), -1.5, 3.0), atol=1e-5)
+    assert len(np.unique(y)) <= 256
+
+
+def test_inference_is_the_folded_weight_quantized_layer():
+    rng = np.random.default_rng(3)
+    layer = random_layer(rng, use_bias=True, activation_bits=None)
+    w = weights64(layer)
+    x = rng.normal(0.0, 1.0, (3, 6, 6, 3)).astype("float32")
+    moving_before = to_numpy(layer.moving_mean)
+
+    y = to_numpy(layer(x, training=False))
+
+    a = w["gamma"] / np.sqrt(w["moving_variance"] + EPSILON)
+    expected = (
+        conv2d_same(x.astype("float64"), quantize_kernel(w["kernel"] * a))
+        + w["beta"] - a * w["moving_mean"] + a * w["bias"]
+    )
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=1e-4)
+    np.testing.assert_array_equal(to_numpy(layer.moving_mean), moving_before)
+
+
+def test_input_range_is_set_by_the_first_batch_then_moves():
+    rng = np.random.default_rng(4)
+    layer = random_layer(rng, weight_bits=None, activation_bits=8)
+    x = rng.normal(0.0, 1.0, (3, 6, 6, 3)).astype("float32")
+    # No range yet: inference leaves the input in float.
+    float_layer = random_layer(np.random.default_rng(4), weight_bits=None, activation_bits=None)
+    np.testing.assert_allclose(to_numpy(layer(x)), to_numpy(float_layer(x)), atol=1e-5)
+    layer(x, training=True)
+    np.testing.assert_allclose(to_numpy(layer.input_min), x.min(), rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer.input_max), x.max(), rtol=1e-6)
+    x2 = 2.0 * x
+    layer(x2, training=True)
+    np.testing.assert_allclose(to_numpy(layer.input_min), 0.99 * x.min() + 0.01 * x2.min(),
+                               rtol=1e-5)
+    # Inference quantizes the input with the learned range.
+    minimum, maximum = float(to_numpy(layer.input_min)), float(to_numpy(layer.input_max))
+    float_layer.set_weights(layer.get_weights())
+    expected = to_numpy(float_layer(quantize_activations(x.astype("float64"), minimum, maximum)
+                                    .astype("float32")))
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=1e-4)
+
+
+def conv_bn_model(bn=keras.layers.BatchNormalization):
+    inputs = keras.Input((6, 6, 3))
+    hidden = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv1")(inputs)
+    hidden = bn(name="bn1")(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    hidden = keras.layers.Conv2D(5, 3, use_bias=True, name="conv2")(hidden)
+    hidden = bn(name="bn2")(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    hidden = keras.layers.Dense(3, name="dense")(hidden)
+    outputs = bn(name="bn_dense")(hidden)
+    return keras.Model(inputs, outputs, name="net")
+
+
+def randomize_statistics(model, rng):
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.gamma.assign(rng.uniform(0.5, 2.0, layer.gamma.shape))
+            layer.beta.assign(rng.normal(0, 1, layer.beta.shape))
+            layer.moving_mean.assign(rng.normal(0, 1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+
+
+def test_prepare_qat_fuses_what_folds_reports_the_rest_and_leaves_the_original():
+    rng = np.random.default_rng(5)
+    model = conv_bn_model()
+    randomize_statistics(model, rng)
+    before = [to_numpy(w).copy() for w in model.weights]
+    layer_types = [type(layer) for layer in model.layers]
+
+    qat_model = keras_bn.prepare_qat(model)
+
+    fused = [layer for layer in qat_model.layers
+             if isinstance(layer, keras_bn.Conv2DBatchNormalization)]
+    assert [layer.name for layer in fused] == ["conv1", "conv2"]
+    float_bn = [layer.name for layer in qat_model.layers
+                if isinstance(layer, keras.layers.BatchNormalization)]
+    assert float_bn == ["bn_dense"]
+    report = qat_model.qat_report
+    assert report.folded == [("bn1", "conv1"), ("bn2", "conv2")]
+    assert [name for name, _ in report.left] == ["bn_dense"]
+    assert "Dense 'dense'" in report.left[0][1]
+    assert report.max_error < 0.1 * report.scale  # only the kernels' int8 rounding
+    assert fused[0].unbiased_variance is False  # Keras's BN convention kept
+    for old, new in zip(before, model.weights):
+        np.testing.assert_array_equal(old, to_numpy(new))
+    assert [type(layer) for layer in model.layers] == layer_types
+
+
+@pytest.mark.parametrize("bn", [keras.layers.BatchNormalization, keras_bn.BatchNormalization])
+def test_without_quantization_the_prepared_model_is_the_original(bn):
+    rng = np.random.default_rng(6)
+    model = conv_bn_model(bn)
+    randomize_statistics(model, rng)
+    qat_model = keras_bn.prepare_qat(model, weight_bits=None, activation_bits=None)
+    x = rng.normal(0, 1, (4, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(qat_model(x, training=False)), to_numpy(model(x, training=False)), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        to_numpy(qat_model(x, training=True)), to_numpy(model(x, training=True)), atol=1e-4
+    )
+    for name, fused_name in (("bn1", "conv1"), ("bn2", "conv2")):
+        for statistic in ("moving_mean", "moving_variance"):
+            np.testing.assert_allclose(
+                to_numpy(getattr(qat_model.get_layer(fused_name), statistic)),
+                to_numpy(getattr(model.get_layer(name), statistic)),
+                rtol=1e-5, atol=1e-6,
+            )
+
+
+def test_a_training_step_reaches_kernel_gamma_beta_and_fit_lowers_the_loss():
+    rng = np.random.default_rng(7)
+    model = conv_bn_model()
+    qat_model = keras_bn.prepare_qat(model)
+    x = rng.normal(0, 1, (64, 6, 6, 3)).astype("float32")
+    y = np.stack([x[..., 0].mean((1, 2)), x[..., 1].std((1, 2)), x.max((1, 2, 3))], -1)
+    conv1 = qat_model.get_layer("conv1")
+    before = {name: to_numpy(getattr(conv1, name)).copy()
+              for name in ("kernel", "gamma", "beta", "moving_mean")}
+    qat_model.compile(keras.optimizers.Adam(0.01), "mse")
+    first = qat_model.evaluate(x, y, verbose=0)
+    qat_model.fit(x, y, batch_size=16, epochs=15, verbose=0)
+    for name, value in before.items():
+        assert not np.allclose(value, to_numpy(getattr(conv1, name))), name
+    assert qat_model.evaluate(x, y, verbose=0) < 0.7 * first
+    assert float(to_numpy(conv1.input_max)) > 0.0
+
+
+def test_freeze_bn_statistics_trains_on_population_statistics():
+    rng = np.random.default_rng(8)
+    model = conv_bn_model()
+    randomize_statistics(model, rng)
+    qat_model = keras_bn.prepare_qat(model)
+    x = rng.normal(0, 1, (4, 6, 6, 3)).astype("float32")
+    qat_model(x, training=True)  # learn the input ranges
+    assert keras_bn.freeze_bn_statistics(qat_model) == 2
+    statistics = [to_numpy(v).copy() for v in qat_model.get_layer("conv1").weights[3:5]]
+    conv1 = keras.Model(qat_model.input, qat_model.get_layer("conv1").output)
+    for layer in conv1.layers[1:]:
+        layer.activation_momentum = 1.0  # keep the input range: compare like with like
+    np.testing.assert_allclose(
+        to_numpy(conv1(x, training=True)), to_numpy(conv1(x, training=False)), atol=1e-5
+    )
+    for before, after in zip(statistics, qat_model.get_layer("conv1").weights[3:5]):
+        np.testing.assert_array_equal(before, to_numpy(after))
+    keras_bn.freeze_bn_statistics(qat_model, frozen=False)
+    assert float(to_numpy(qat_model.get_layer("conv1").statistics_frozen)) == 0.0
+    with pytest.raises(ValueError, match="no Conv2DBatchNormalization"):
+        keras_bn.freeze_bn_statistics(model)
+
+
+def test_estimate_population_statistics_updates_the_fused_layers():
+    rng = np.random.default_rng(9)
+    model = conv_bn_model(keras_bn.BatchNormalization)
+    randomize_statistics(model, rng)
+    qat_model = keras_bn.prepare_qat(model, weight_bits=None, activation_bits=None)
+    x = rng.normal(0, 1, (40, 6, 6, 3)).astype("float32")
+    keras_bn.estimate_population_statistics(model, x, batch_size=10, verbose=0)
+    assert keras_bn.estimate_population_statistics(qat_model, x, batch_size=10, verbose=0) == 4
+    for name, fused_name in (("bn1", "conv1"), ("bn2", "conv2")):
+        for statistic in ("moving_mean", "moving_variance"):
+            np.testing.assert_allclose(
+                to_numpy(getattr(qat_model.get_layer(fused_name), statistic)),
+                to_numpy(getattr(model.get_layer(name), statistic)),
+                rtol=1e-4, atol=1e-5,
+            )
+    assert qat_model.get_layer("conv1").momentum == 0.99
+
+
+def test_qat_model_round_trips_through_a_keras_file(tmp_path):
+    rng = np.random.default_rng(10)
+    qat_model = keras_bn.prepare_qat(conv_bn_model(), weight_bits=4)
+    x = rng.normal(0, 1, (8, 6, 6, 3)).astype("float32")
+    qat_model(x, training=True)
+    keras_bn.freeze_bn_statistics(qat_model)
+    path = tmp_path / "qat.keras"
+    qat_model.save(path)
+    loaded = keras.models.load_model(path)
+    layer = loaded.get_layer("conv1")
+    assert isinstance(layer, keras_bn.Conv2DBatchNormalization)
+    assert layer.weight_bits == 4 and float(to_numpy(layer.statistics_frozen)) == 1.0
+    np.testing.assert_allclose(
+        to_numpy(loaded(x, training=False)), to_numpy(qat_model(x, training=False)), atol=1e-6
+    )
+
+
+def test_bad_bit_widths_are_refused():
+    with pytest.raises(ValueError, match="weight_bits"):
+        keras_bn.prepare_qat(conv_bn_model(), weight_bits=1)
+    with pytest.raises(ValueError, match="activation_bits"):
+        keras_bn.Conv2DBatchNormalization(4, 3, activation_bits=8.0)
+
+
+class LayerTest(layer_test_case()):
+    def test_run_layer_test(self):
+        self.run_layer_test(
+            keras_bn.Conv2DBatchNormalization,
+            init_kwargs={"filters": 4, "kernel_size": 3, "padding": "same", "use_bias": True},
+            call_kwargs={"training": True},
+            input_shape=(2, 5, 5, 3),
+            expected_output_shape=(2, 5, 5, 4),
+            expected_num_trainable_weights=4,
+            expected_num_non_trainable_weights=5,
+            expected_num_seed_generators=0,
+            expected_num_losses=0,
+            supports_masking=False,
+        )
