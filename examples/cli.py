@@ -35,9 +35,59 @@ def add_common_arguments(parser):
     return parser
 
 
+def add_process_arguments(parser):
+    """Options that place this process in a multi-process run (JAX only): each falls back to
+    Keras's environment variable, so a launcher or a cluster scheduler can set either."""
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="processes in the run, one per host (JAX; default: "
+                             "$KERAS_DISTRIBUTION_NUM_PROCESSES or 1); implies --data-parallel")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="this process's index, 0 to N - 1 (default: "
+                             "$KERAS_DISTRIBUTION_PROCESS_ID or 0); process 0 writes the results")
+    parser.add_argument("--coordinator", default=None,
+                        help="host:port of process 0, which every process must reach (default: "
+                             "the first of $KERAS_DISTRIBUTION_JOB_ADDRESSES)")
+    return parser
+
+
+def resolve_process_options(args):
+    """Fill `args.num_processes`, `args.process_id` and `args.coordinator` from the environment
+    where the command line left them out."""
+    environ = os.environ
+    if getattr(args, "num_processes", None) is None:
+        args.num_processes = _environment_int("KERAS_DISTRIBUTION_NUM_PROCESSES", 1)
+    if getattr(args, "process_id", None) is None:
+        args.process_id = _environment_int("KERAS_DISTRIBUTION_PROCESS_ID", 0)
+    if getattr(args, "coordinator", None) is None:
+        addresses = environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "")
+        args.coordinator = addresses.split(",")[0].strip() or None
+    return args
+
+
+def _environment_int(name, default):
+    value = os.environ.get(name, "")
+    if not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer. Received: {value!r}") from None
+
+
 def apply_runtime_options(args):
-    """Set the logical CPU devices and the mixed-precision policy (before any model is built)."""
+    """Join the processes of a multi-process run (where the parser has `add_process_arguments`),
+    set the logical CPU devices and the mixed-precision policy (before any model is built)."""
     import keras
+
+    if hasattr(args, "num_processes"):
+        from examples import devices
+
+        resolve_process_options(args)
+        devices.initialize_processes(args.coordinator, args.num_processes, args.process_id)
+        if args.num_processes > 1:
+            args.data_parallel = True  # processes train together only under DataParallel
+            if args.process_id != 0:
+                args.verbose = 0  # process 0 reports for all
 
     if args.cpu_devices:
         if keras.backend.backend() != "tensorflow":

@@ -3,6 +3,12 @@
 Data parallelism uses each backend's own engine: `tf.distribute.MirroredStrategy` with
 synchronized BN on TensorFlow, `keras.distribution.DataParallel` on JAX (where XLA computes BN's
 batch statistics over the global batch). Torch has no engine here.
+
+Across processes (one per host, or several on one machine for a try), JAX's multi-process runtime
+joins them (`initialize_processes`) and `keras.distribution.DataParallel(auto_shard_dataset=False)`
+splits every global batch over the devices of all of them; each process feeds its own share.
+TensorFlow stops at one host: Keras 3's `fit` under `MultiWorkerMirroredStrategy` fails
+(keras-team/keras#20585).
 """
 import contextlib
 
@@ -34,7 +40,9 @@ def data_parallel_scope(enabled=True):
             yield strategy
     elif backend == "jax":
         previous = keras.distribution.distribution()
-        distribution = keras.distribution.DataParallel()
+        # Built after `initialize_processes`: DataParallel reads the process count when built.
+        # Across processes each one feeds its own share of every batch (never the whole batch).
+        distribution = keras.distribution.DataParallel(auto_shard_dataset=process_count() == 1)
         keras.distribution.set_distribution(distribution)
         try:
             yield distribution
@@ -42,6 +50,72 @@ def data_parallel_scope(enabled=True):
             keras.distribution.set_distribution(previous)
     else:
         raise ValueError(f"Data parallelism supports tensorflow and jax. Backend: {backend!r}")
+
+
+def initialize_processes(coordinator, num_processes, process_id):
+    """Join JAX's multi-process runtime as process `process_id` of `num_processes`.
+
+    Call it before any JAX computation. `coordinator` is process 0's `host:port`, which every
+    process must reach. On CPUs the processes exchange data over gloo. One process
+    (`num_processes=1`) is a no-op on every backend.
+
+    Raises:
+        ValueError: for a process count, index or address out of range, and on the TensorFlow
+            and torch backends, which have no multi-process path here.
+    """
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(
+            f"The number of processes must be a positive integer. Received: {num_processes!r}"
+        )
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"The process index must be in 0..{num_processes - 1}. Received: {process_id!r}"
+        )
+    if num_processes == 1:
+        return
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        raise ValueError(
+            "Training across processes needs the JAX backend (KERAS_BACKEND=jax): Keras 3's fit "
+            "under tf.distribute.MultiWorkerMirroredStrategy fails "
+            "(https://github.com/keras-team/keras/issues/20585). On one TensorFlow host, use "
+            f"--data-parallel. Received: {num_processes} processes, backend 'tensorflow'"
+        )
+    if backend != "jax":
+        raise ValueError(
+            "Training across processes needs the JAX backend (KERAS_BACKEND=jax). Received: "
+            f"{num_processes} processes, backend {backend!r}"
+        )
+    if not coordinator or ":" not in str(coordinator):
+        raise ValueError(
+            "Training across processes needs the coordinator's address, host:port of process 0. "
+            f"Received: {coordinator!r}"
+        )
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax.distributed.initialize rather than keras.distribution.initialize: the examples seed
+    # their models themselves (`keras.utils.set_random_seed` in `build_variant`).
+    jax.distributed.initialize(str(coordinator), num_processes=num_processes,
+                               process_id=process_id)
+
+
+def process_count():
+    """The number of processes in the run (1 unless JAX's multi-process runtime joined more)."""
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def process_index():
+    """This process's index, 0 to `process_count() - 1`; process 0 writes every file."""
+    if keras.backend.backend() != "jax":
+        return 0
+    import jax
+
+    return jax.process_index()
 
 
 _STRATEGIES = []

@@ -13,11 +13,18 @@ python batches or an ImageNet-style folder from a local path.
     .venv/bin/python -m examples.train_inception --checkpoint /tmp/runs.json   # rerun to resume
     KERAS_BACKEND=jax .venv/bin/python -m examples.train_inception --throughput --alpha 1 \\
         --image-size 224 --mixed-precision mixed_bfloat16 --data-parallel
+    KERAS_BACKEND=jax .venv/bin/python -m examples.launch --num-processes 2 -- \
+        .venv/bin/python -m examples.train_inception --quick   # two local processes (JAX)
 
 Run from the repository root. Writes train_inception_<data>.json, figure2_train_inception_<data>.png
 (accuracy vs steps of every variant) and figure3_train_inception_<data>.md (steps to the baseline's
 best accuracy, max accuracy) in --output-dir; --throughput writes throughput.json (images/s on
 synthetic data) instead.
+
+Across processes (JAX only: one per host, `--num-processes N --process-id I --coordinator
+HOST:PORT`, or Keras's KERAS_DISTRIBUTION_* variables; `examples.launch` starts N on one
+machine), every process runs this same command: each trains on its share of every global batch
+(`--batch-size`, which N must divide), and process 0 alone prints and writes the results.
 """
 import os
 
@@ -53,6 +60,8 @@ def measure_throughput(args):
     with devices.data_parallel_scope(args.data_parallel):
         replicas = devices.replica_count()
         global_batch = batch * replicas
+        # Each process feeds its share of every global batch (one process: all of it).
+        local_batch = training.local_batch_size(global_batch, devices.process_count())
         model = models.bn_inception(
             input_shape=(size, size, 3), classes=1000, alpha=args.alpha,
             synchronized=devices.synchronized_batch_norm(args.data_parallel),
@@ -63,29 +72,33 @@ def measure_throughput(args):
             run_eagerly=training.quick_runs_eagerly(args.quick),
         )
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((global_batch * 2, size, size, 3)).astype("float32")
-        y = rng.integers(0, 1000, global_batch * 2).astype("int32")
-        model.fit(x, y, batch_size=global_batch, epochs=1, verbose=0)  # compile
+        x = rng.standard_normal((local_batch * 2, size, size, 3)).astype("float32")
+        y = rng.integers(0, 1000, local_batch * 2).astype("int32")
+        model.fit(x, y, batch_size=local_batch, epochs=1, verbose=0)  # compile
         xs = np.concatenate([x] * max(1, steps // 2))
         ys = np.concatenate([y] * max(1, steps // 2))
         start = time.perf_counter()
-        model.fit(xs, ys, batch_size=global_batch, epochs=1, verbose=args.verbose)
+        model.fit(xs, ys, batch_size=local_batch, epochs=1, verbose=args.verbose)
         seconds = time.perf_counter() - start
     result = {
         "backend": keras.backend.backend(),
         "devices": devices.local_devices(),
+        "processes": devices.process_count(),
         "replicas": replicas,
         "mixed_precision": args.mixed_precision,
         "alpha": args.alpha,
         "image_size": size,
         "global_batch_size": global_batch,
-        "steps": len(xs) // global_batch,
+        "steps": len(xs) // local_batch,
         "parameters": model.count_params(),
-        "images_per_second": len(xs) / seconds,
+        "images_per_second": len(xs) * devices.process_count() / seconds,
     }
+    if devices.process_index() != 0:  # process 0 writes for all
+        return result
     path = reporting.write_json(os.path.join(args.output_dir, "throughput.json"), result)
     print(f"{result['images_per_second']:.1f} images/s ({result['backend']}, "
-          f"{replicas} replica(s), batch {global_batch}); wrote {path}")
+          f"{result['processes']} process(es), {replicas} replica(s), batch {global_batch}); "
+          f"wrote {path}")
     return result
 
 
@@ -115,7 +128,14 @@ def main(argv=None):
     parser.add_argument("--throughput", action="store_true",
                         help="only measure training images/s on synthetic data")
     parser.add_argument("--throughput-steps", type=int, default=50)
+    cli.add_process_arguments(parser)
     args = parser.parse_args(argv)
+    cli.resolve_process_options(args)
+    if args.checkpoint and args.num_processes > 1:
+        raise ValueError(
+            "--checkpoint records runs from one process: every process would write the file. "
+            f"Received: --checkpoint {args.checkpoint!r} with {args.num_processes} processes"
+        )
     cli.apply_runtime_options(args)
     if args.throughput:
         return measure_throughput(args)
@@ -151,6 +171,8 @@ def main(argv=None):
             verbose=args.verbose,
             checkpoint=args.checkpoint,
         )
+    if devices.process_index() != 0:  # every process holds the same result: process 0 writes
+        return result
     stem = f"train_inception_{data.name}"  # benchmarks/steps_to_accuracy.py owns "inception_*"
     table = write_results(result, args.output_dir, stem,
                           f"Small BN-Inception (alpha {args.alpha}) on {data.name}")

@@ -4,6 +4,12 @@
 trains a compiled model (see `examples.variants.build_variant`) with momentum SGD and evaluates
 its test accuracy every `eval_every` steps, with exact population statistics (Algorithm 2) or the
 moving averages, into an `examples.history.History`.
+
+In a multi-process run (`examples.devices.initialize_processes`), every process runs the same
+loop: it trains on its share of every global batch (`process_share`), estimates the population
+statistics from its share of the training batches (`population_shard`), and measures accuracy
+with `model.evaluate` on its share of the test set, so that every process holds the result of one
+process training on the global batch.
 """
 import dataclasses
 import logging
@@ -80,14 +86,73 @@ def has_batch_normalization(model):
     return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
-def set_population_statistics(model, x_train, config):
-    """Algorithm 2: BN's statistics become the average over training mini-batches of size m."""
-    if not has_batch_normalization(model):
-        return
+def local_batch_size(batch_size, num_processes):
+    """Each process's share of a global batch of `batch_size`."""
+    if batch_size % num_processes:
+        raise ValueError(
+            f"The global batch size must divide by the number of processes, so that each process "
+            f"feeds an equal share. Received: batch_size={batch_size}, "
+            f"{num_processes} processes"
+        )
+    return batch_size // num_processes
+
+
+def process_share(indices, process_id, num_processes):
+    """The examples process `process_id` feeds `fit` from the global batches `indices` (one row
+    per step): its slice of every batch, in order, so that the processes' k-th batches together
+    are the k-th global batch."""
+    local = local_batch_size(indices.shape[1], num_processes)
+    return indices[:, process_id * local : (process_id + 1) * local].reshape(-1)
+
+
+def population_shard(x_train, config, process_id=0, num_processes=1):
+    """The training examples of process `process_id` for Algorithm 2, and the batch count.
+
+    The mini-batches of size m are the first `config.population_batches` (or all) full batches of
+    `x_train`, as one process takes them; process `process_id` takes every `num_processes`-th of
+    them, starting at its own, so that the processes' batches together are the one-process
+    batches, and their estimate (added up across processes) is the one-process estimate.
+    """
     full_batches = len(x_train) // config.batch_size  # every batch of size m, as in training
     steps = min(config.population_batches or full_batches, full_batches)
+    batches = x_train[: steps * config.batch_size].reshape(steps, config.batch_size,
+                                                           *x_train.shape[1:])
+    mine = batches[process_id::num_processes]
+    return mine.reshape(-1, *x_train.shape[1:]), len(mine)
+
+
+def population_statistics_callback(model, x_train, config):
+    """A `keras_bn.PopulationStatistics` that estimates from this process's `population_shard`
+    at the end of each `fit`, or None for a model without BN."""
+    if not has_batch_normalization(model):
+        return None
+    shard, steps = population_shard(x_train, config, devices.process_index(),
+                                    devices.process_count())
+    return _PopulationStatisticsUnlessDiverged(shard, steps=max(1, steps),
+                                               batch_size=config.batch_size)
+
+
+class _PopulationStatisticsUnlessDiverged(keras_bn.PopulationStatistics):
+    """No estimate after a `fit` whose loss turned NaN: the run stops there as diverged, and the
+    estimate would refuse the non-finite statistics."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.diverged = not math.isfinite(float((logs or {}).get("loss", 0.0)))
+
+    def on_train_end(self, logs=None):
+        if not getattr(self, "diverged", False):
+            super().on_train_end(logs)
+
+
+def set_population_statistics(model, x_train, config):
+    """Algorithm 2: BN's statistics become the average over training mini-batches of size m
+    (over the batches of every process, in a multi-process run)."""
+    if not has_batch_normalization(model):
+        return
+    shard, steps = population_shard(x_train, config, devices.process_index(),
+                                    devices.process_count())
     keras_bn.estimate_population_statistics(
-        model, x_train, steps=steps, batch_size=config.batch_size, verbose=0
+        model, shard, steps=steps, batch_size=config.batch_size, verbose=0
     )
 
 
@@ -111,9 +176,54 @@ def predict(model, x, batch_size=256):
 
 
 def evaluate_accuracy(model, x, y, batch_size=256):
-    """Test accuracy in inference mode (BN uses its moving/population statistics)."""
+    """Test accuracy in inference mode (BN uses its moving/population statistics).
+
+    In a multi-process run `model.predict` fails (its outputs span every process's devices):
+    there each process evaluates its share of `x` (`evaluate_accuracy_across_processes`).
+    """
+    if devices.process_count() > 1:
+        return evaluate_accuracy_across_processes(
+            model, x, y, devices.process_index(), devices.process_count(), batch_size
+        )
     scores = predict(model, x, batch_size=batch_size)  # logits or probabilities
     return float(np.mean(np.argmax(scores, axis=-1) == y))
+
+
+_EVALUATORS = {}
+
+
+def evaluate_accuracy_across_processes(model, x, y, process_id, num_processes, batch_size=256):
+    """Test accuracy of `model` on all of `x`, from this process's share of it: `model.evaluate`
+    over the global batches that the processes' shares make together gives the accuracy of the
+    whole set in every process.
+
+    Process `process_id` takes every `num_processes`-th example; every share is padded, with
+    weight 0, to one length that the local batch divides, since every process must run the same
+    number of steps. The accuracy comes from a model over the same layers (the weights are
+    shared) compiled with a weighted accuracy, so `model`'s own compilation is untouched.
+    """
+    local_batch = max(1, batch_size // num_processes)
+    share_length = -(-len(x) // num_processes)
+    padded_length = max(1, -(-share_length // local_batch)) * local_batch
+    x_share, y_share = x[process_id::num_processes], y[process_id::num_processes]
+    pad = padded_length - len(x_share)
+    weights = np.concatenate([np.ones(len(x_share)), np.zeros(pad)]).astype("float32")
+    if pad:
+        x_share = np.concatenate([x_share, np.repeat(x[:1], pad, axis=0)])
+        y_share = np.concatenate([y_share, np.repeat(y[:1], pad, axis=0)])
+    evaluator = _EVALUATORS.get(id(model))
+    if evaluator is None or evaluator[0] is not model:
+        _EVALUATORS.clear()  # one model at a time: the experiments evaluate one, then the next
+        accuracy_model = keras.Model(model.inputs, model.outputs)
+        accuracy_model.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            jit_compile=model.jit_compile, run_eagerly=model.run_eagerly,
+        )
+        evaluator = _EVALUATORS[id(model)] = (model, accuracy_model)
+    metrics = evaluator[1].evaluate(x_share, y_share, sample_weight=weights,
+                                    batch_size=local_batch, verbose=0, return_dict=True)
+    return float(metrics["accuracy"])
 
 
 def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None, verbose=1,
@@ -153,7 +263,15 @@ def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None,
             f"`statistics` must be 'population' or 'moving'. Received: {config.statistics!r}"
         )
     x_train, y_train = data.x_train, data.y_train
+    process_id, num_processes = devices.process_index(), devices.process_count()
+    fit_batch_size = local_batch_size(config.batch_size, num_processes)
     indices = batch_indices(len(x_train), config.batch_size, config.steps, reshuffle, seed)
+    # At each evaluation `fit` ends with the population estimate of Algorithm 2 (the callback,
+    # after the training time is taken); the first evaluation and the final one estimate by hand.
+    callbacks = [_TrainingClock()]
+    if config.statistics == "population":
+        population = population_statistics_callback(model, x_train, config)
+        callbacks += [population] if population else []
     history = History()
     if verbose and label:
         print(label)
@@ -164,19 +282,19 @@ def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None,
     chunk_seconds = []
     while step < config.steps:
         interval = _evaluation_interval(history, config, target, eval_every_after_target)
-        chunk = indices[step : step + interval].reshape(-1)
-        start = time.perf_counter()
+        chunk = process_share(indices[step : step + interval], process_id, num_processes)
         # One `fit` call per evaluation interval: Keras distributes its batches over the replicas
         # of a tf.distribute strategy or a keras.distribution (train_on_batch would not on TF).
         fit = model.fit(
             x_train[chunk],
             y_train[chunk],
-            batch_size=config.batch_size,
+            batch_size=fit_batch_size,
             epochs=1,
             shuffle=False,
             verbose=0,
+            callbacks=callbacks,
         )
-        chunk_seconds.append((time.perf_counter() - start, len(chunk) // config.batch_size))
+        chunk_seconds.append((callbacks[0].seconds, len(chunk) // fit_batch_size))
         trained_seconds += chunk_seconds[-1][0]
         step = min(step + interval, config.steps)
         loss = float(fit.history["loss"][-1])
@@ -202,10 +320,22 @@ def train_and_track(model, data, config, *, reshuffle=False, seed=0, probe=None,
     return history
 
 
+class _TrainingClock(keras.callbacks.Callback):
+    """The seconds of one `fit`'s training steps: from its start to the end of its epoch, before
+    the callbacks that run at the end of `fit` (the population estimate)."""
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self._start
+
+
 def _record_evaluation(history, model, data, config, probe, step, loss, trained_seconds):
-    """Evaluate the test accuracy with BN's statistics as `config.statistics` says, append it to
-    `history` with the step, loss, training seconds and probe; return the accuracy."""
-    if config.statistics == "population":
+    """Evaluate the test accuracy with BN's statistics as `config.statistics` says (at step 0 set
+    here, later by `fit`'s `PopulationStatistics`), append it to `history` with the step, loss,
+    training seconds and probe; return the accuracy."""
+    if config.statistics == "population" and step == 0:
         set_population_statistics(model, data.x_train, config)
     accuracy = evaluate_accuracy(model, data.x_test, data.y_test)
     history.steps.append(step)

@@ -1,0 +1,143 @@
+"""examples.launch and `train_inception` across processes.
+
+The launcher: it stops every process when one fails, and passes on the failure's status.
+JAX: `python -m examples.launch --num-processes 2 -- python -m examples.train_inception --quick`
+trains two local processes (one CPU device each, gloo) to the result of one process on the same
+global batches, and only process 0 writes it. TensorFlow and torch: asking for several processes
+is one clear error.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from examples import launch, train_inception, training
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TIMEOUT_SECONDS = 600
+
+
+def test_launch_stops_every_process_when_one_fails(tmp_path):
+    # Process 1 fails at once; process 0 would sleep for a minute.
+    script = ("import os, sys, time\n"
+              "if os.environ['KERAS_DISTRIBUTION_PROCESS_ID'] == '1': sys.exit(3)\n"
+              "time.sleep(60)\n")
+    start = time.monotonic()
+    status = launch.main(["--num-processes", "2", "--log-dir", str(tmp_path), "--",
+                          sys.executable, "-c", script])
+    assert status == 3
+    assert time.monotonic() - start < 30
+
+
+def test_launch_sets_each_process_its_place(tmp_path):
+    script = ("import os, sys\n"
+              "names = ('KERAS_DISTRIBUTION_JOB_ADDRESSES', 'KERAS_DISTRIBUTION_NUM_PROCESSES',"
+              " 'KERAS_DISTRIBUTION_PROCESS_ID', 'KERAS_BACKEND')\n"
+              "out = os.path.join(sys.argv[1], os.environ[names[2]] + '.txt')\n"
+              "open(out, 'w').write(' '.join(os.environ[n] for n in names))\n")
+    assert launch.main(["--num-processes", "3", "--", sys.executable, "-c", script,
+                        str(tmp_path)]) == 0
+    seen = [(tmp_path / f"{i}.txt").read_text().split() for i in range(3)]
+    assert len({address for address, *_ in seen}) == 1  # one coordinator for all
+    assert seen[0][0].startswith("127.0.0.1:")
+    assert [s[1:3] for s in seen] == [["3", str(i)] for i in range(3)]
+
+
+def test_launch_refuses_a_missing_command(capsys):
+    assert launch.main(["--num-processes", "2"]) == 2
+    assert "Give the command" in capsys.readouterr().err
+
+
+def test_processes_shares_make_the_global_batches():
+    indices = np.arange(24).reshape(3, 8)  # 3 steps of global batch 8
+    shares = [training.process_share(indices, i, 2) for i in range(2)]
+    assert shares[0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    together = np.stack([s.reshape(3, 4) for s in shares], axis=1).reshape(3, 8)
+    np.testing.assert_array_equal(together, indices)
+    with pytest.raises(ValueError, match="must divide by the number of processes"):
+        training.process_share(np.arange(24).reshape(3, 8), 0, 3)
+
+
+def test_population_shards_hold_the_one_process_batches():
+    x = np.arange(100, dtype="float32")[:, None]
+    config = training.Config(batch_size=8, population_batches=5)
+    whole, steps = training.population_shard(x, config)
+    assert steps == 5 and len(whole) == 40
+    shards = [training.population_shard(x, config, i, 2) for i in range(2)]
+    assert [steps for _, steps in shards] == [3, 2]
+    batches = sorted(map(tuple, np.concatenate([s for s, _ in shards]).reshape(-1, 8)[:, :1]))
+    assert batches == sorted(map(tuple, whole.reshape(-1, 8)[:, :1]))
+
+
+def test_accuracy_from_process_shares_equals_the_accuracy_of_the_whole_set():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 5)).astype("float32")
+    y = rng.integers(0, 3, 37)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    want = training.evaluate_accuracy(model, x, y)
+    # One process of one: the shares' weighted accuracy, with padding of weight 0.
+    got = training.evaluate_accuracy_across_processes(model, x, y, 0, 1, batch_size=8)
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="JAX trains across processes")
+def test_several_processes_off_jax_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs the JAX backend") as error:
+        train_inception.main(["--num-processes", "2", "--process-id", "0", "--coordinator",
+                              "127.0.0.1:1", "--quick", "--output-dir", str(tmp_path)])
+    if keras.backend.backend() == "tensorflow":
+        assert "keras-team/keras/issues/20585" in str(error.value)
+        assert "--data-parallel" in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+def _train_inception(tmp_path, processes, name):
+    output = tmp_path / name
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    command = [sys.executable, "-m", "examples.launch", "--num-processes", str(processes),
+               "--log-dir", str(output / "logs"), "--timeout", str(TIMEOUT_SECONDS), "--",
+               sys.executable, "-m", "examples.train_inception", "--quick", "--steps", "2",
+               "--eval-every", "1", "--variants", "Inception", "BN-Baseline",
+               "--verbose", "0", "--output-dir", str(output)]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True), output
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="multi-process runs need JAX")
+def test_train_inception_on_two_processes_equals_one_process(tmp_path):
+    runs = [_train_inception(tmp_path, n, f"processes_{n}") for n in (2, 1)]
+    results = []
+    for process, output in runs:
+        try:
+            log, _ = process.communicate(timeout=TIMEOUT_SECONDS + 30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 0, log[-3000:]
+        written = sorted(p.name for p in output.iterdir() if p.is_file())
+        assert written == ["figure2_train_inception_digits.png",
+                           "figure3_train_inception_digits.md", "train_inception_digits.json"]
+        results.append(json.loads((output / "train_inception_digits.json").read_text()))
+    two, one = results
+    # The same global batches and seeds, and BN's statistics over the global batch: the same
+    # training. Accuracies are counts of test examples, computed from float32 sums in another
+    # order (all-reduce across processes): allow one test example of difference.
+    tolerance = 1.0 / 360 + 1e-9
+    curves = _accuracy_curves(two), _accuracy_curves(one)
+    assert curves[0].keys() == curves[1].keys() and curves[0]
+    for name, accuracies in curves[0].items():
+        np.testing.assert_allclose(accuracies, curves[1][name], atol=tolerance, err_msg=name)
+
+
+def _accuracy_curves(result):
+    """{run name: test accuracies at each evaluation} of a `train_inception` result."""
+    return {name: run["accuracy"] for name, run in result["runs"].items()}
