@@ -4,12 +4,18 @@ from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.callbacks import PopulationStatistics
 from keras_bn.folding import FoldReport, fold_batchnorm
 from keras_bn.population import estimate_population_statistics
-from keras_bn.quantization import Conv2DBatchNormalization, freeze_bn_statistics, prepare_qat
+from keras_bn.quantization import (
+    Conv2DBatchNormalization,
+    DenseBatchNormalization,
+    freeze_bn_statistics,
+    prepare_qat,
+)
 from keras_bn.verification import VerificationError
 
 __all__ = [
     "BatchNormalization",
     "Conv2DBatchNormalization",
+    "DenseBatchNormalization",
     "FoldReport",
     "PopulationStatistics",
     "VerificationError",

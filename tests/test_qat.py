@@ -145,6 +145,33 @@ def test_input_range_is_set_by_the_first_batch_then_moves():
     np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_dense_layer_matches_its_folded_fake_quantized_reference(training):
+    rng = np.random.default_rng(11)
+    layer = keras_bn.DenseBatchNormalization(4, use_bias=True, activation_bits=None)
+    layer.build((None, 3, 5))
+    for variable in layer.weights[:6]:
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape) * rng.choice([-1, 1], variable.shape)
+                        if variable.name != "moving_variance"
+                        else rng.uniform(0.5, 2.0, variable.shape))
+    w = weights64(layer)
+    x = rng.normal(0.5, 1.0, (6, 3, 5)).astype("float32")
+
+    y = to_numpy(layer(x, training=training))
+
+    a = w["gamma"] / np.sqrt(w["moving_variance"] + EPSILON)
+    scaled = w["kernel"] * a
+    step = np.abs(scaled).max(axis=0) / 127
+    linear = x.astype("float64") @ (np.clip(np.floor(scaled / step + 0.5), -127, 127) * step)
+    if training:
+        z = linear / a + w["bias"]
+        mean, variance = z.mean((0, 1)), z.var((0, 1))
+        expected = w["gamma"] * (z - mean) / np.sqrt(variance + EPSILON) + w["beta"]
+    else:
+        expected = linear + w["beta"] - a * w["moving_mean"] + a * w["bias"]
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=1e-4)
+
+
 def conv_bn_model(bn=keras.layers.BatchNormalization):
     inputs = keras.Input((6, 6, 3))
     hidden = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv1")(inputs)
@@ -154,6 +181,7 @@ def conv_bn_model(bn=keras.layers.BatchNormalization):
     hidden = bn(name="bn2")(hidden)
     hidden = keras.layers.ReLU()(hidden)
     hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    hidden = bn(name="bn_pool")(hidden)  # folds into the dense layer after it: stays float
     hidden = keras.layers.Dense(3, name="dense")(hidden)
     outputs = bn(name="bn_dense")(hidden)
     return keras.Model(inputs, outputs, name="net")
@@ -180,13 +208,14 @@ def test_prepare_qat_fuses_what_folds_reports_the_rest_and_leaves_the_original()
     fused = [layer for layer in qat_model.layers
              if isinstance(layer, keras_bn.Conv2DBatchNormalization)]
     assert [layer.name for layer in fused] == ["conv1", "conv2"]
+    assert isinstance(qat_model.get_layer("dense"), keras_bn.DenseBatchNormalization)
     float_bn = [layer.name for layer in qat_model.layers
                 if isinstance(layer, keras.layers.BatchNormalization)]
-    assert float_bn == ["bn_dense"]
+    assert float_bn == ["bn_pool"]
     report = qat_model.qat_report
-    assert report.folded == [("bn1", "conv1"), ("bn2", "conv2")]
-    assert [name for name, _ in report.left] == ["bn_dense"]
-    assert "Dense 'dense'" in report.left[0][1]
+    assert report.folded == [("bn1", "conv1"), ("bn2", "conv2"), ("bn_dense", "dense")]
+    assert [name for name, _ in report.left] == ["bn_pool"]
+    assert "following layer dense" in report.left[0][1]
     assert report.max_error < 0.1 * report.scale  # only the kernels' int8 rounding
     assert fused[0].unbiased_variance is False  # Keras's BN convention kept
     for old, new in zip(before, model.weights):
@@ -207,7 +236,7 @@ def test_without_quantization_the_prepared_model_is_the_original(bn):
     np.testing.assert_allclose(
         to_numpy(qat_model(x, training=True)), to_numpy(model(x, training=True)), atol=1e-4
     )
-    for name, fused_name in (("bn1", "conv1"), ("bn2", "conv2")):
+    for name, fused_name in (("bn1", "conv1"), ("bn2", "conv2"), ("bn_dense", "dense")):
         for statistic in ("moving_mean", "moving_variance"):
             np.testing.assert_allclose(
                 to_numpy(getattr(qat_model.get_layer(fused_name), statistic)),
@@ -241,7 +270,7 @@ def test_freeze_bn_statistics_trains_on_population_statistics():
     qat_model = keras_bn.prepare_qat(model)
     x = rng.normal(0, 1, (4, 6, 6, 3)).astype("float32")
     qat_model(x, training=True)  # learn the input ranges
-    assert keras_bn.freeze_bn_statistics(qat_model) == 2
+    assert keras_bn.freeze_bn_statistics(qat_model) == 3
     statistics = [to_numpy(v).copy() for v in qat_model.get_layer("conv1").weights[3:5]]
     conv1 = keras.Model(qat_model.input, qat_model.get_layer("conv1").output)
     for layer in conv1.layers[1:]:
@@ -253,7 +282,7 @@ def test_freeze_bn_statistics_trains_on_population_statistics():
         np.testing.assert_array_equal(before, to_numpy(after))
     keras_bn.freeze_bn_statistics(qat_model, frozen=False)
     assert float(to_numpy(qat_model.get_layer("conv1").statistics_frozen)) == 0.0
-    with pytest.raises(ValueError, match="no Conv2DBatchNormalization"):
+    with pytest.raises(ValueError, match="no fused QAT layer"):
         keras_bn.freeze_bn_statistics(model)
 
 
@@ -265,7 +294,7 @@ def test_estimate_population_statistics_updates_the_fused_layers():
     x = rng.normal(0, 1, (40, 6, 6, 3)).astype("float32")
     keras_bn.estimate_population_statistics(model, x, batch_size=10, verbose=0)
     assert keras_bn.estimate_population_statistics(qat_model, x, batch_size=10, verbose=0) == 4
-    for name, fused_name in (("bn1", "conv1"), ("bn2", "conv2")):
+    for name, fused_name in (("bn1", "conv1"), ("bn2", "conv2"), ("bn_dense", "dense")):
         for statistic in ("moving_mean", "moving_variance"):
             np.testing.assert_allclose(
                 to_numpy(getattr(qat_model.get_layer(fused_name), statistic)),
@@ -308,6 +337,20 @@ class LayerTest(layer_test_case()):
             input_shape=(2, 5, 5, 3),
             expected_output_shape=(2, 5, 5, 4),
             expected_num_trainable_weights=4,
+            expected_num_non_trainable_weights=5,
+            expected_num_seed_generators=0,
+            expected_num_losses=0,
+            supports_masking=False,
+        )
+
+    def test_run_layer_test_dense(self):
+        self.run_layer_test(
+            keras_bn.DenseBatchNormalization,
+            init_kwargs={"units": 4},
+            call_kwargs={"training": True},
+            input_shape=(3, 5),
+            expected_output_shape=(3, 4),
+            expected_num_trainable_weights=3,
             expected_num_non_trainable_weights=5,
             expected_num_seed_generators=0,
             expected_num_losses=0,

@@ -3,7 +3,7 @@
 import keras
 
 from keras_bn import _keras_internals
-from keras_bn.quantization.conv2d_batch_normalization import Conv2DBatchNormalization
+from keras_bn.quantization.folded_batch_normalization import FoldedBatchNormalization
 
 
 def freeze_bn_statistics(model, frozen=True):
@@ -17,8 +17,9 @@ def freeze_bn_statistics(model, frozen=True):
     without recompiling and a saved model keeps it. Float BN layers are not changed.
 
     Args:
-        model: a `keras.Model` (or layer) holding `keras_bn.Conv2DBatchNormalization` layers,
-            nested models included.
+        model: a `keras.Model` (or layer) holding fused QAT layers
+            (`keras_bn.Conv2DBatchNormalization`, `keras_bn.DenseBatchNormalization`), nested
+            models included.
         frozen: `False` switches them back to batch statistics.
 
     Returns:
@@ -31,11 +32,12 @@ def freeze_bn_statistics(model, frozen=True):
         raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
     layers = [
         layer for layer in [model, *_keras_internals.flatten_layers(model)]
-        if isinstance(layer, Conv2DBatchNormalization)
+        if isinstance(layer, FoldedBatchNormalization)
     ]
     if not layers:
         raise ValueError(
-            f"Model {model.name!r} holds no Conv2DBatchNormalization layer to freeze; "
+            f"Model {model.name!r} holds no fused QAT layer (Conv2DBatchNormalization, "
+            "DenseBatchNormalization) to freeze; "
             "keras_bn.prepare_qat(model) makes them."
         )
     for layer in layers:

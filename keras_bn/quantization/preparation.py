@@ -1,4 +1,5 @@
-"""prepare_qat: the model for quantization-aware training, each foldable Conv2D -> BN pair fused.
+"""prepare_qat: the model for quantization-aware training, each foldable Conv2D/Dense -> BN pair
+fused.
 
 Which pairs fold is `keras_bn.folding`'s decision, read from its plan (the private
 `keras_bn.folding.graph._plan`, so that QAT and `fold_batchnorm` never disagree on which BN
@@ -15,13 +16,20 @@ from keras_bn.folding import graph as folding_graph
 from keras_bn.folding.layouts import describe
 from keras_bn.folding.report import FoldReport
 from keras_bn.quantization.conv2d_batch_normalization import Conv2DBatchNormalization
+from keras_bn.quantization.dense_batch_normalization import DenseBatchNormalization
 
 logger = logging.getLogger(__name__)
 
-_CONV_ARGUMENTS = (
-    "filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate", "groups",
-    "use_bias", "kernel_initializer", "bias_initializer",
-)
+# The fused layer of each layer type, and the layer's arguments it takes.
+_FUSED = {
+    keras.layers.Conv2D: (Conv2DBatchNormalization, (
+        "filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate", "groups",
+        "use_bias", "kernel_initializer", "bias_initializer",
+    )),
+    keras.layers.Dense: (DenseBatchNormalization, (
+        "units", "use_bias", "kernel_initializer", "bias_initializer",
+    )),
+}
 _BN_ARGUMENTS = (
     "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
     "moving_mean_initializer", "moving_variance_initializer",
@@ -31,16 +39,17 @@ _BN_ARGUMENTS = (
 def prepare_qat(model, weight_bits=8, activation_bits=8):
     """A copy of `model` for quantization-aware training with BN folded into the convolutions.
 
-    Every `Conv2D -> BatchNormalization` pair that `keras_bn.fold_batchnorm` would fold into the
-    convolution becomes one `keras_bn.Conv2DBatchNormalization` layer (named after the
-    convolution), which trains with BN folded into a per-channel fake-quantized kernel and
-    fake-quantizes its input (Jacob et al. 2018, Sec. 3.2). The fused layer starts from the
-    pair's weights and moving statistics; Keras's BN keeps its biased variance convention
-    (`unbiased_variance=False`), keras_bn's its own. Every other layer is copied as it is and
-    stays in float, and so does every BN that does not fold into a preceding Conv2D: those that
-    `fold_batchnorm` leaves (with its reason), those it would fold into the following layer,
-    those after another kind of layer (Dense, DepthwiseConv2D, ...), renorm or ghost-batch BN,
-    and BN inside nested models.
+    Every `Conv2D -> BatchNormalization` and `Dense -> BatchNormalization` pair that
+    `keras_bn.fold_batchnorm` would fold into the layer before BN becomes one
+    `keras_bn.Conv2DBatchNormalization` or `keras_bn.DenseBatchNormalization` layer (named after
+    the convolution or dense layer), which trains with BN folded into a per-channel
+    fake-quantized kernel and fake-quantizes its input (Jacob et al. 2018, Sec. 3.2). The fused
+    layer starts from the pair's weights and moving statistics; Keras's BN keeps its biased
+    variance convention (`unbiased_variance=False`), keras_bn's its own. Every other layer is
+    copied as it is and stays in float, and so does every BN that does not fold into a preceding
+    Conv2D or Dense: those that `fold_batchnorm` leaves (with its reason), those it would fold
+    into the following layer, those after another kind of layer (DepthwiseConv2D,
+    SeparableConv2D, ...), renorm or ghost-batch BN, and BN inside nested models.
 
     Args:
         model: a built Functional or Sequential `keras.Model` holding Keras's or keras_bn's
@@ -155,9 +164,9 @@ def _fusions(model, plan, model_name):
 
 
 def _why_not_fused(layer, bn):
-    if type(layer) is not keras.layers.Conv2D:
-        return (f"it folds into {describe(layer)}; QAT fuses Conv2D -> BatchNormalization only "
-                "so far, the rest stays in float")
+    if type(layer) not in _FUSED:
+        return (f"it folds into {describe(layer)}; QAT fuses Conv2D and Dense -> "
+                "BatchNormalization only so far, the rest stays in float")
     if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None):
         return f"{describe(bn)} uses renorm or virtual_batch_size, which the fused layer lacks"
     return None
@@ -165,8 +174,9 @@ def _why_not_fused(layer, bn):
 
 def _fused_layer(conv, bn, weight_bits, activation_bits):
     conv_config, bn_config = conv.get_config(), bn.get_config()
-    return Conv2DBatchNormalization(
-        **{name: conv_config[name] for name in _CONV_ARGUMENTS},
+    fused_class, arguments = _FUSED[type(conv)]
+    return fused_class(
+        **{name: conv_config[name] for name in arguments},
         **{name: bn_config[name] for name in _BN_ARGUMENTS},
         unbiased_variance=getattr(bn, "unbiased_variance", False),
         weight_bits=weight_bits,
