@@ -20,7 +20,8 @@ import pytest
 from examples import launch, train_inception, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TIMEOUT_SECONDS = 600
+TIMEOUT_SECONDS = 900
+DIGITS_TEST_EXAMPLES = 449  # scikit-learn digits' test split in examples.data
 
 
 def test_launch_stops_every_process_when_one_fails(tmp_path):
@@ -113,6 +114,9 @@ def _train_inception(tmp_path, processes, name):
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="multi-process runs need JAX")
 def test_train_inception_on_two_processes_equals_one_process(tmp_path):
+    # Slow: JAX compiles the small BN-Inception's steps in each of three processes (the
+    # two-process run and the one-process reference, started together): about 11 minutes on
+    # two shared CPU cores, 2 to 3 on an idle 16-core machine.
     runs = [_train_inception(tmp_path, n, f"processes_{n}") for n in (2, 1)]
     results = []
     for process, output in runs:
@@ -129,15 +133,15 @@ def test_train_inception_on_two_processes_equals_one_process(tmp_path):
         results.append(json.loads((output / "train_inception_digits.json").read_text()))
     two, one = results
     # The same global batches and seeds, and BN's statistics over the global batch: the same
-    # training. Accuracies are counts of test examples, computed from float32 sums in another
-    # order (all-reduce across processes): allow one test example of difference.
-    tolerance = 1.0 / 360 + 1e-9
-    curves = _accuracy_curves(two), _accuracy_curves(one)
-    assert curves[0].keys() == curves[1].keys() and curves[0]
-    for name, accuracies in curves[0].items():
-        np.testing.assert_allclose(accuracies, curves[1][name], atol=tolerance, err_msg=name)
-
-
-def _accuracy_curves(result):
-    """{run name: test accuracies at each evaluation} of a `train_inception` result."""
-    return {name: run["accuracy"] for name, run in result["runs"].items()}
+    # training, up to the order of float32 sums (the all-reduce across processes). The training
+    # losses agree to 1e-4; an accuracy counts test examples, and near the start of training a
+    # logit near a tie may flip (measured: BN-Baseline 45 vs 44 of 449 at step 2), so accuracies
+    # may differ by one test example.
+    tolerance = 1.0 / DIGITS_TEST_EXAMPLES + 1e-6
+    assert two["variants"].keys() == one["variants"].keys() == {"Inception", "BN-Baseline"}
+    for name in two["variants"]:
+        got, want = (result["variants"][name]["histories"]["0"] for result in (two, one))
+        assert got["steps"] == want["steps"], name
+        np.testing.assert_allclose(got["loss"][1:], want["loss"][1:], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got["accuracy"], want["accuracy"], atol=tolerance,
+                                   err_msg=name)
