@@ -7,6 +7,7 @@ from keras_bn.population import estimate_population_statistics
 from keras_bn.quantization import (
     Conv2DBatchNormalization,
     DenseBatchNormalization,
+    DepthwiseConv2DBatchNormalization,
     freeze_bn_statistics,
     prepare_qat,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "BatchNormalization",
     "Conv2DBatchNormalization",
     "DenseBatchNormalization",
+    "DepthwiseConv2DBatchNormalization",
     "FoldReport",
     "PopulationStatistics",
     "VerificationError",

@@ -172,6 +172,56 @@ def test_dense_layer_matches_its_folded_fake_quantized_reference(training):
     np.testing.assert_allclose(y, expected, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_depthwise_layer_matches_its_folded_fake_quantized_reference(training):
+    rng = np.random.default_rng(12)
+    layer = keras_bn.DepthwiseConv2DBatchNormalization(
+        3, depth_multiplier=2, padding="same", activation_bits=None
+    )
+    layer.build((None, 5, 5, 3))
+    assert layer.kernel.shape == (3, 3, 3, 2) and layer.gamma.shape == (6,)
+    layer.kernel.assign(rng.normal(0, 0.5, layer.kernel.shape))
+    layer.gamma.assign(rng.uniform(0.5, 2.0, (6,)))
+    layer.beta.assign(rng.normal(0, 1, (6,)))
+    layer.moving_mean.assign(rng.normal(0, 1, (6,)))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, (6,)))
+    w = weights64(layer)
+    x = rng.normal(0.5, 1.0, (4, 5, 5, 3)).astype("float32")
+
+    y = to_numpy(layer(x, training=training))
+
+    a = w["gamma"] / np.sqrt(w["moving_variance"] + EPSILON)
+    # Output channel c * 2 + k: input channel c, kernel[:, :, c, k], as a dense HWIO kernel.
+    scaled = (w["kernel"] * a.reshape(3, 2)).reshape(3, 3, 1, 6)
+    quantized = quantize_kernel(scaled)[:, :, 0, :]
+    dense = np.zeros((3, 3, 3, 6))
+    for out in range(6):
+        dense[:, :, out // 2, out] = quantized[:, :, out]
+    linear = conv2d_same(x.astype("float64"), dense)
+    if training:
+        z = linear / a
+        mean, variance = z.mean((0, 1, 2)), z.var((0, 1, 2))
+        expected = w["gamma"] * (z - mean) / np.sqrt(variance + EPSILON) + w["beta"]
+    else:
+        expected = linear + w["beta"] - a * w["moving_mean"]
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_prepare_qat_fuses_depthwise_pairs(tmp_path):
+    inputs = keras.Input((6, 6, 3))
+    hidden = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="depthwise")(inputs)
+    outputs = keras.layers.BatchNormalization(name="bn")(hidden)
+    model = keras.Model(inputs, outputs)
+    randomize_statistics(model, np.random.default_rng(13))
+    qat_model = keras_bn.prepare_qat(model, weight_bits=None, activation_bits=None)
+    assert isinstance(qat_model.get_layer("depthwise"), keras_bn.DepthwiseConv2DBatchNormalization)
+    x = np.random.default_rng(14).normal(size=(2, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(to_numpy(qat_model(x)), to_numpy(model(x)), atol=1e-4)
+    qat_model.save(tmp_path / "depthwise.keras")
+    loaded = keras.models.load_model(tmp_path / "depthwise.keras")
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(model(x)), atol=1e-4)
+
+
 def conv_bn_model(bn=keras.layers.BatchNormalization):
     inputs = keras.Input((6, 6, 3))
     hidden = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv1")(inputs)

@@ -17,6 +17,9 @@ from keras_bn.folding.layouts import describe
 from keras_bn.folding.report import FoldReport
 from keras_bn.quantization.conv2d_batch_normalization import Conv2DBatchNormalization
 from keras_bn.quantization.dense_batch_normalization import DenseBatchNormalization
+from keras_bn.quantization.depthwise_conv2d_batch_normalization import (
+    DepthwiseConv2DBatchNormalization,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,10 @@ _FUSED = {
     keras.layers.Conv2D: (Conv2DBatchNormalization, (
         "filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate", "groups",
         "use_bias", "kernel_initializer", "bias_initializer",
+    )),
+    keras.layers.DepthwiseConv2D: (DepthwiseConv2DBatchNormalization, (
+        "kernel_size", "strides", "padding", "depth_multiplier", "data_format", "dilation_rate",
+        "use_bias", "depthwise_initializer", "bias_initializer",
     )),
     keras.layers.Dense: (DenseBatchNormalization, (
         "units", "use_bias", "kernel_initializer", "bias_initializer",
@@ -39,17 +46,18 @@ _BN_ARGUMENTS = (
 def prepare_qat(model, weight_bits=8, activation_bits=8):
     """A copy of `model` for quantization-aware training with BN folded into the convolutions.
 
-    Every `Conv2D -> BatchNormalization` and `Dense -> BatchNormalization` pair that
+    Every `Conv2D`, `DepthwiseConv2D` or `Dense -> BatchNormalization` pair that
     `keras_bn.fold_batchnorm` would fold into the layer before BN becomes one
-    `keras_bn.Conv2DBatchNormalization` or `keras_bn.DenseBatchNormalization` layer (named after
-    the convolution or dense layer), which trains with BN folded into a per-channel
-    fake-quantized kernel and fake-quantizes its input (Jacob et al. 2018, Sec. 3.2). The fused
-    layer starts from the pair's weights and moving statistics; Keras's BN keeps its biased
-    variance convention (`unbiased_variance=False`), keras_bn's its own. Every other layer is
-    copied as it is and stays in float, and so does every BN that does not fold into a preceding
-    Conv2D or Dense: those that `fold_batchnorm` leaves (with its reason), those it would fold
-    into the following layer, those after another kind of layer (DepthwiseConv2D,
-    SeparableConv2D, ...), renorm or ghost-batch BN, and BN inside nested models.
+    `keras_bn.Conv2DBatchNormalization`, `keras_bn.DepthwiseConv2DBatchNormalization` or
+    `keras_bn.DenseBatchNormalization` layer (named after the layer before BN), which trains
+    with BN folded into a per-channel fake-quantized kernel and fake-quantizes its input (Jacob
+    et al. 2018, Sec. 3.2). The fused layer starts from the pair's weights and moving
+    statistics; Keras's BN keeps its biased variance convention (`unbiased_variance=False`),
+    keras_bn's its own. Every other layer is copied as it is and stays in float, and so does
+    every BN that does not fold into a preceding Conv2D, DepthwiseConv2D or Dense: those that
+    `fold_batchnorm` leaves (with its reason), those it would fold into the following layer,
+    those after another kind of layer (SeparableConv2D, Conv1D, ...), renorm or ghost-batch BN,
+    and BN inside nested models.
 
     Args:
         model: a built Functional or Sequential `keras.Model` holding Keras's or keras_bn's
@@ -165,8 +173,8 @@ def _fusions(model, plan, model_name):
 
 def _why_not_fused(layer, bn):
     if type(layer) not in _FUSED:
-        return (f"it folds into {describe(layer)}; QAT fuses Conv2D and Dense -> "
-                "BatchNormalization only so far, the rest stays in float")
+        return (f"it folds into {describe(layer)}; QAT fuses Conv2D, DepthwiseConv2D "
+                "and Dense -> BatchNormalization only so far, the rest stays in float")
     if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None):
         return f"{describe(bn)} uses renorm or virtual_batch_size, which the fused layer lacks"
     return None
