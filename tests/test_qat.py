@@ -371,6 +371,21 @@ def test_qat_model_round_trips_through_a_keras_file(tmp_path):
     )
 
 
+def test_a_frozen_bn_gives_frozen_statistics_and_fixed_gamma_beta_from_a_sequential_model():
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+    ])
+    model.get_layer("bn").trainable = False
+    qat_model = keras_bn.prepare_qat(model)
+    layer = qat_model.get_layer("conv")
+    assert isinstance(qat_model, keras.Model) and not isinstance(qat_model, keras.Sequential)
+    assert [v.name for v in layer.trainable_weights] == ["kernel", "bias"]
+    assert float(to_numpy(layer.statistics_frozen)) == 1.0
+    assert model.get_layer("bn").trainable is False and len(model.layers) == 2
+
+
 def test_bad_bit_widths_are_refused():
     with pytest.raises(ValueError, match="weight_bits"):
         keras_bn.prepare_qat(conv_bn_model(), weight_bits=1)

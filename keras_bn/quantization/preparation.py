@@ -53,11 +53,12 @@ def prepare_qat(model, weight_bits=8, activation_bits=8):
     with BN folded into a per-channel fake-quantized kernel and fake-quantizes its input (Jacob
     et al. 2018, Sec. 3.2). The fused layer starts from the pair's weights and moving
     statistics; Keras's BN keeps its biased variance convention (`unbiased_variance=False`),
-    keras_bn's its own. Every other layer is copied as it is and stays in float, and so does
-    every BN that does not fold into a preceding Conv2D, DepthwiseConv2D or Dense: those that
-    `fold_batchnorm` leaves (with its reason), those it would fold into the following layer,
-    those after another kind of layer (SeparableConv2D, Conv1D, ...), renorm or ghost-batch BN,
-    and BN inside nested models.
+    keras_bn's its own; a BN with `trainable=False` gives a fused layer whose statistics are
+    frozen (`keras_bn.freeze_bn_statistics`) and whose gamma and beta do not train. Every other
+    layer is copied as it is and stays in float, and so does every BN that does not fold into a
+    preceding Conv2D, DepthwiseConv2D or Dense: those that `fold_batchnorm` leaves (with its
+    reason), those it would fold into the following layer, those after another kind of layer
+    (SeparableConv2D, Conv1D, ...), renorm or ghost-batch BN, and BN inside nested models.
 
     Args:
         model: a built Functional or Sequential `keras.Model` holding Keras's or keras_bn's
@@ -189,7 +190,7 @@ def _fused_layer(conv, bn, weight_bits, activation_bits):
         unbiased_variance=getattr(bn, "unbiased_variance", False),
         weight_bits=weight_bits,
         activation_bits=activation_bits,
-        trainable=conv.trainable and bn.trainable,
+        trainable=conv.trainable,
         dtype=conv.dtype_policy,
         name=conv.name,
     )
@@ -205,3 +206,10 @@ def _copy_pair_weights(conv, bn, fused):
         fused.beta.assign(bn.beta)
     fused.moving_mean.assign(bn.moving_mean)
     fused.moving_variance.assign(bn.moving_variance)
+    if not bn.trainable:
+        # A frozen BN (fine-tuning) runs on its population statistics and learns nothing: so
+        # does the BN half of the fused layer, while its kernel trains as the layer's did.
+        fused.freeze_statistics()
+        for variable in (fused.gamma, fused.beta):
+            if variable is not None:
+                variable.trainable = False
