@@ -62,6 +62,7 @@ def measure_throughput(args):
         global_batch = batch * replicas
         # Each process feeds its share of every global batch (one process: all of it).
         local_batch = training.local_batch_size(global_batch, devices.process_count())
+        keras.utils.set_random_seed(0)  # across processes, every one must build the same weights
         model = models.bn_inception(
             input_shape=(size, size, 3), classes=1000, alpha=args.alpha,
             synchronized=devices.synchronized_batch_norm(args.data_parallel),
