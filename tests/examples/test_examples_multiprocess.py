@@ -112,6 +112,9 @@ def _train_inception(tmp_path, processes, name):
                             stderr=subprocess.STDOUT, text=True), output
 
 
+# Three JAX processes compile BN-Inception at once: minutes on two cores, so it runs with
+# `pytest -m slow`; tests/jax_backend/test_multiprocess.py checks the same training in CI.
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="multi-process runs need JAX")
 def test_train_inception_on_two_processes_equals_one_process(tmp_path):
     # Slow: JAX compiles the small BN-Inception's steps in each of three processes (the
