@@ -180,6 +180,7 @@ def alternate_latency(sessions, x, repeats):
     """Median milliseconds per run of each session (a dict), timed in turn, forward then backward,
     so that a busy machine slows all alike; and every run's time."""
     names = list(sessions)
+    load_before = load_average()
     for name in names:
         run(sessions[name], x)  # warm-up
     times = {name: [] for name in names}
@@ -191,6 +192,7 @@ def alternate_latency(sessions, x, repeats):
     return {
         "median_ms": {name: round(statistics.median(t), 3) for name, t in times.items()},
         "repeats": repeats,
+        "load_average_before_after": [load_before, load_average()],
         "all_ms": {name: [round(v, 3) for v in t] for name, t in times.items()},
     }
 
@@ -210,7 +212,7 @@ def latency_figures(sessions, x_for_batch, repeats, label):
         figures[f"batch_{batch_size}"] = entry
         print(f"{label} batch {batch_size}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
               + "; " + ", ".join(f"{k} {v:.3f}" for k, v in entry["ratios"].items())
-              + f" (median of {n})", flush=True)
+              + f" (median of {n}; load {entry['load_average_before_after'][1][0]})", flush=True)
     return figures
 
 
