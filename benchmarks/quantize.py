@@ -59,6 +59,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 import export
 import keras_bn
+from benchmarks.export import randomize_batchnorm
 from examples import models, reporting, training
 from examples.data import load_dataset
 from examples.variants import VARIANTS, build_variant
@@ -301,22 +302,6 @@ def try_anchor(keras_path, int8_path, calibration, reduce_range):
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-def randomize_batchnorm(model, seed=0):
-    """BN statistics and affine parameters far from 0 and 1 (tests/export/conftest.py's), so that
-    BN is not the identity and folding changes the weights."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            channels = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0.0, 0.5, channels))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
-            if layer.center:
-                layer.beta.assign(rng.normal(0.0, 0.2, channels))
-    return model
 
 
 def toy_model(size):
