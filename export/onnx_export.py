@@ -17,7 +17,12 @@ import numpy as np
 
 from export import quantization
 from export.freezing import freeze
-from export.graph_passes import optimize, store_weights_as_float16
+from export.graph_passes import (
+    EXACT_PASSES,
+    global_average_pool_and_squeeze_to_reduce_mean,
+    optimize,
+    store_weights_as_float16,
+)
 from keras_bn import _keras_internals, verification
 from keras_bn.verification import VerificationError
 
@@ -256,7 +261,11 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
     logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
     proto = _convert(frozen, inputs, output_names, opset, nchw)
-    graph_passes = optimize(proto)
+    # onnxruntime quantizes a GlobalAveragePool (QLinearGlobalAveragePool) but leaves the
+    # ReduceMean that the float graph is faster with in float: an int8 graph keeps the pool.
+    passes = EXACT_PASSES if quantize is None else tuple(
+        p for p in EXACT_PASSES if p is not global_average_pool_and_squeeze_to_reduce_mean)
+    graph_passes = optimize(proto, passes)
     if float16_weights:
         store_weights_as_float16(proto)
     _check_graph(proto)

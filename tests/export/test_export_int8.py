@@ -198,6 +198,25 @@ def test_fully_convolutional_model_with_unknown_height_and_width(tmp_path, rando
     assert result.quantization.outputs[0].agreement is None  # not class scores: no guard
 
 
+def test_int8_keeps_global_average_pool_which_onnxruntime_quantizes(tmp_path, randomize):
+    """The float graph's ReduceMean head stays float in int8; the pool it replaces is quantized."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.ReLU()(keras_bn.BatchNormalization()(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = randomize(keras.Model(inputs, keras.layers.Dense(4)(x)))
+    calibration = np.random.default_rng(5).uniform(0, 1, (64, 8, 8, 3)).astype("float32")
+
+    float_ops = export.to_onnx(model, tmp_path / "f.onnx", verbose=0).node_counts
+    result = export.to_onnx(model, tmp_path / "q.onnx", quantize="int8", verbose=0,
+                            calibration_data=calibration, min_agreement=0)
+    assert "ReduceMean" in float_ops and "GlobalAveragePool" not in float_ops
+    assert "ReduceMean" not in result.node_counts
+    assert result.quantization.quantized_ops.get("GlobalAveragePool") == 1
+    assert "GlobalAveragePool" not in result.quantization.float_ops
+
+
 # The command line, with the model and data files it is given.
 
 
