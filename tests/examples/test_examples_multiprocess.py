@@ -3,8 +3,9 @@
 The launcher: it stops every process when one fails, and passes on the failure's status.
 JAX: `python -m examples.launch --num-processes 2 -- python -m examples.train_inception --quick`
 trains two local processes (one CPU device each, gloo) to the result of one process on the same
-global batches, and only process 0 writes it. TensorFlow and torch: asking for several processes
-is one clear error.
+global batches, and only process 0 writes it; `benchmarks.gpu throughput` on two processes reports
+global images/s and only process 0 writes gpu.json. TensorFlow and torch: asking for several
+processes is one clear error, in train_inception and in both parts of benchmarks.gpu.
 """
 import json
 import os
@@ -17,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 
+from benchmarks import gpu as gpu_benchmark
 from examples import launch, train_inception, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -98,6 +100,19 @@ def test_several_processes_off_jax_are_one_clear_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="JAX trains across processes")
+@pytest.mark.parametrize("part", ["throughput", "figure3"])
+def test_gpu_benchmark_on_several_processes_off_jax_is_one_clear_error(part, tmp_path):
+    # figure3 hands the process options to train_inception, whose check refuses them.
+    with pytest.raises(ValueError, match="needs the JAX backend") as error:
+        gpu_benchmark.main([part, "--num-processes", "2", "--process-id", "0", "--coordinator",
+                            "127.0.0.1:1", "--quick" if part == "figure3" else "--steps=1",
+                            "--output-dir", str(tmp_path)])
+    assert "\n" not in str(error.value)
+    assert f"backend {keras.backend.backend()!r}" in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
 def _train_inception(tmp_path, processes, name):
     output = tmp_path / name
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
@@ -148,3 +163,31 @@ def test_train_inception_on_two_processes_equals_one_process(tmp_path):
         np.testing.assert_allclose(got["loss"][1:], want["loss"][1:], rtol=1e-4, err_msg=name)
         np.testing.assert_allclose(got["accuracy"], want["accuracy"], atol=tolerance,
                                    err_msg=name)
+
+
+# Two JAX processes compile BN-Inception's training step at once: about 2.5 minutes on two
+# shared cores, so it runs with `pytest -m slow`.
+@pytest.mark.slow
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="multi-process runs need JAX")
+def test_gpu_throughput_on_two_processes_writes_global_images_per_second_once(tmp_path):
+    output = tmp_path / "gpu"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    command = [sys.executable, "-m", "examples.launch", "--num-processes", "2",
+               "--log-dir", str(tmp_path / "logs"), "--timeout", str(TIMEOUT_SECONDS), "--",
+               sys.executable, "-m", "benchmarks.gpu", "throughput", "--output-dir", str(output),
+               "--alpha", "0.125", "--image-size", "32", "--batch-size", "8", "--steps", "2",
+               "--repeats", "1", "--policies", "float32", "--layers", "keras_bn"]
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=TIMEOUT_SECONDS + 30)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-3000:]
+    assert [p.name for p in output.iterdir()] == ["gpu.json"]  # process 1 wrote nothing
+    assert completed.stdout.count("wrote ") == 1  # and printed nothing (its log is elsewhere)
+    result = json.loads((output / "gpu.json").read_text())["throughput"]
+    assert result["processes"] == 2 and result["backend"] == "jax"
+    assert len(result["devices"]) == 2  # one CPU device in each process, all in the mesh
+    assert result["batch_size_per_process"] == 4
+    (row,) = result["rows"]
+    assert row["batch_size"] == 8 and row["images_per_second"] > 0
+    assert row["images_per_second"] == pytest.approx(8 * 2 / (row["ms_per_step"] * 2 / 1000))

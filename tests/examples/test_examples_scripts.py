@@ -118,6 +118,7 @@ def test_gpu_benchmark_parts_merge_into_one_file(tmp_path):
     (row,) = payload["throughput"]["rows"]
     assert row["layer"] == "keras_bn" and row["images_per_second"] > 0
     assert payload["throughput"]["backend"] == keras.backend.backend()
+    assert payload["throughput"]["processes"] == 1
     assert set(payload["figure3"]["variants"]) == {"Inception"}
     assert (tmp_path / "runs.json").exists()
 
