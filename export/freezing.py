@@ -22,6 +22,8 @@ from keras import ops
 import keras_bn
 from keras_bn import _keras_internals, verification
 from keras_bn.folding import inference_affine
+from keras_bn.quantization import deployment
+from keras_bn.quantization.folded_batch_normalization import FoldedBatchNormalization
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,9 @@ class FreezeReport:
         frozen: `(bn_name, reason)` pairs: BN layers replaced by a `FrozenAffine`, with the reason
             folding gave for leaving them.
         removed: names of training-only layers (dropout, noise) replaced by `Identity`.
+        quantized: names of QAT layers (`keras_bn.Conv2DBatchNormalization` and its kind)
+            replaced by their deployed form: a fixed-range input quantizer and a plain layer
+            holding the folded, quantized kernel (`keras_bn.quantization.deployment`).
         fold_max_error: the largest difference `fold_batchnorm` measured between the folded and
             the original model, or `None` when folding was skipped or not verified.
     """
@@ -136,6 +141,7 @@ class FreezeReport:
     folded: list = dataclasses.field(default_factory=list)
     frozen: list = dataclasses.field(default_factory=list)
     removed: list = dataclasses.field(default_factory=list)
+    quantized: list = dataclasses.field(default_factory=list)
     fold_max_error: float = None
 
 
@@ -143,8 +149,10 @@ def freeze(model, fold=True, verify=True, tolerance=None):
     """Return an inference-only copy of `model`, its BN folded or frozen into constants.
 
     Steps: `keras_bn.fold_batchnorm(model, verify=verify)` folds every BN that directly follows a
-    foldable layer; every remaining BN (ours or Keras's) becomes a `FrozenAffine` with the constants
-    of Algorithm 2, line 11; dropout and noise layers become `Identity`; `training=` arguments
+    foldable layer; every QAT layer (`keras_bn.prepare_qat`) becomes its deployed form, a
+    fixed-range input quantizer over the learned range and a plain layer holding the folded,
+    quantized kernel; every remaining BN (ours or Keras's) becomes a `FrozenAffine` with the
+    constants of Algorithm 2, line 11; dropout and noise layers become `Identity`; `training=` arguments
     recorded in the graph are dropped. The input model is not modified; the result shares no
     weights with it, is not compiled (no optimizer state) and carries a `freeze_report`
     (`FreezeReport`).
@@ -200,6 +208,11 @@ def freeze(model, fold=True, verify=True, tolerance=None):
             reason = left_reasons.get(name, "not folded: fold=False")
             report.frozen.append((name, reason))
             return frozen
+        if isinstance(layer, FoldedBatchNormalization):
+            deployed, weights = deployment.deployed_layer(layer)
+            report.quantized.append(names.get(id(layer), layer.name))
+            originals[id(deployed)] = (deployed, weights)
+            return deployed
         if isinstance(layer, TRAINING_ONLY_LAYERS):
             report.removed.append(names.get(id(layer), layer.name))
             identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
@@ -241,8 +254,9 @@ def freeze(model, fold=True, verify=True, tolerance=None):
         )
     frozen_model.freeze_report = report
     logger.info(
-        "freeze: %d BN folded, %d frozen to constants, %d training-only layers removed",
-        len(report.folded), len(report.frozen), len(report.removed),
+        "freeze: %d BN folded, %d frozen to constants, %d QAT layers deployed, %d training-only "
+        "layers removed", len(report.folded), len(report.frozen), len(report.quantized),
+        len(report.removed),
     )
     return frozen_model
 

@@ -15,7 +15,7 @@ import time
 import keras
 import numpy as np
 
-from export import quantization
+from export import qdq_passes, quantization
 from export.freezing import freeze
 from export.graph_passes import (
     EXACT_PASSES,
@@ -24,6 +24,7 @@ from export.graph_passes import (
     store_weights_as_float16,
 )
 from keras_bn import _keras_internals, verification
+from keras_bn.quantization.folded_batch_normalization import FoldedBatchNormalization
 from keras_bn.verification import VerificationError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,12 @@ class ExportResult:
             e.g. "fold_pad_into_max_pool: Pad -1".
         quantization: the `export.QuantizationReport` of the int8 graph written with
             `quantize="int8"`, else `None`. `node_counts`, `file_size` are then the int8 graph's.
+        qat_layers: the QAT layers (`keras_bn.prepare_qat`) written as int8 QDQ: their inputs
+            quantized over the learned ranges, their folded kernels stored as int8 on their
+            learned grids (`export.qdq_passes`).
+        max_error_steps: with QAT layers, the largest `max|onnxruntime - keras|` over outputs
+            and batch sizes, in quantization steps of each output (its range over the
+            verification batch / 255); verification requires at most 1. `None` otherwise.
     """
 
     path: str
@@ -86,6 +93,8 @@ class ExportResult:
     dynamic_sizes: tuple = ()
     input_shapes: list = dataclasses.field(default_factory=list)
     quantization: object = None
+    qat_layers: list = dataclasses.field(default_factory=list)
+    max_error_steps: float = None
 
     @property
     def num_nodes(self):
@@ -112,6 +121,11 @@ class ExportResult:
             f"nodes: {self.num_nodes} ({nodes})",
             f"max error vs Keras{of_float}: {error}",
         ]
+        if self.qat_layers:
+            steps = ("not verified" if self.max_error_steps is None
+                     else f"{self.max_error_steps:.2f} quantization steps of each output")
+            lines.append(f"QAT: {len(self.qat_layers)} layers as int8 QDQ from their learned "
+                         f"ranges and grids; max error vs Keras: {steps}")
         if self.quantization is not None:
             lines.append(self.quantization.summary())
         return "\n".join(lines)
@@ -235,6 +249,16 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         logger.info("to_onnx: loading %s", os.fspath(model))
         model = load_model(model)
     verification.check_graph_model(model, "to_onnx()")
+    qat = _holds_qat_layers(model)
+    if qat and quantize is not None:
+        raise ValueError(
+            "this model was trained for quantization (keras_bn.prepare_qat): its int8 graph "
+            "comes from its learned ranges, with no calibration; call to_onnx without quantize. "
+            f"Received: quantize={quantize!r}"
+        )
+    if qat and float16_weights:
+        raise ValueError("float16_weights does not apply to a QAT model, whose weights are "
+                         "written as int8. Received: float16_weights=True")
     if tolerance is None:
         tolerance = verification.default_tolerance(model, half_precision=float16_weights)
     inputs = _input_specs(model, input_names)
@@ -265,6 +289,8 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     # ReduceMean that the float graph is faster with in float: an int8 graph keeps the pool.
     passes = EXACT_PASSES if quantize is None else tuple(
         p for p in EXACT_PASSES if p is not global_average_pool_and_squeeze_to_reduce_mean)
+    if qat:
+        passes = (*passes, qdq_passes.weights_to_int8)
     graph_passes = optimize(proto, passes)
     if float16_weights:
         store_weights_as_float16(proto)
@@ -272,11 +298,11 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     data = proto.SerializeToString()
 
     runs = _verification_runs(inputs, batch_sizes, dynamic_sizes)
-    max_error, cases = None, []
+    max_error, max_steps, cases = None, None, []
     if verify:
         logger.info("to_onnx: verifying with onnxruntime at %s", _describe_runs(runs))
-        max_error, cases = _verify(model, data, inputs, output_names, nchw, runs, tolerance,
-                                   seed)
+        max_error, max_steps, cases = _verify(model, data, inputs, output_names, nchw, runs,
+                                              tolerance, seed, in_steps=qat)
     report = None
     if quantize == "int8":
         logger.info("to_onnx: quantizing to int8 (%s calibration)", calibration_method)
@@ -307,6 +333,8 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
                             for d in value.type.tensor_type.shape.dim)
                       for value in proto.graph.input],
         quantization=report,
+        qat_layers=list(freeze_report.quantized),
+        max_error_steps=max_steps,
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
@@ -349,6 +377,11 @@ def load_model(path):
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a keras.Model")
     return model
+
+
+def _holds_qat_layers(model):
+    return any(isinstance(layer, FoldedBatchNormalization)
+               for layer in _keras_internals.flatten_layers(model))
 
 
 def _require_tensorflow_backend():
@@ -628,12 +661,14 @@ def _session(data):
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed):
-    """Largest relative error of onnxruntime against Keras, and the runs as
-    `(feed, Keras output shapes, description)`; VerificationError past tolerance."""
+def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed, in_steps=False):
+    """Largest relative error of onnxruntime against Keras, the largest in quantization steps
+    (`in_steps`, else None), and the runs as `(feed, Keras output shapes, description)`;
+    VerificationError past tolerance: `tolerance` relative to max(1, max|output|), or with
+    `in_steps` one quantization step of each output (`verification.quantization_step`)."""
     session = _session(data)
     rng = np.random.default_rng(seed)
-    worst = 0.0
+    worst, worst_steps = 0.0, (0.0 if in_steps else None)
     cases = []
     for batch_size, size in runs:
         where = f"batch size {batch_size}" + ("" if size is None else f", unknown dimensions "
@@ -659,7 +694,16 @@ def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed):
                     f"onnxruntime output '{name}' holds NaN or inf where Keras's output is finite "
                     f"({where}); no file was written"
                 )
-            if not verification.within_tolerance(error, scale, tolerance):
+            if in_steps:
+                steps = error / verification.quantization_step(want)
+                if not steps <= 1.0:
+                    raise VerificationError(
+                        f"onnxruntime output '{name}' differs from the QAT model by "
+                        f"{steps:.3g} quantization steps of the output (its range / 255) "
+                        f"({where}), more than one; no file was written"
+                    )
+                worst_steps = max(worst_steps, steps)
+            elif not verification.within_tolerance(error, scale, tolerance):
                 raise VerificationError(
                     f"onnxruntime output '{name}' differs from Keras by {error / scale:.3g} "
                     f"relative to max(1, its largest value) ({where}), above the "
@@ -667,7 +711,7 @@ def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed):
                 )
             worst = max(worst, error / scale)
         cases.append((feed, shapes, where))
-    return worst, cases
+    return worst, worst_steps, cases
 
 
 def _check_runs(proto, cases, output_names):

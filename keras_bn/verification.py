@@ -207,6 +207,18 @@ def within_tolerance(max_error, scale, tolerance):
     return bool(max_error <= tolerance * scale)
 
 
+def quantization_step(output, num_bits=8):
+    """One step of an 8-bit grid over `output`'s range: `(max - min) / (2^num_bits - 1)` over
+    its finite values, at least the float32 resolution of its largest magnitude (so that a
+    constant output still has a positive step)."""
+    values = np.asarray(output, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return float(np.finfo(np.float32).tiny)
+    spread = float(values.max() - values.min()) / (2**num_bits - 1)
+    return max(spread, 4 * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(values).max())))
+
+
 def default_tolerance(model, half_precision=False):
     """The tolerance of the least precise compute dtype among `model`'s layers.
 

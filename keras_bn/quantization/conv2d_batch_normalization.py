@@ -118,6 +118,13 @@ class Conv2DBatchNormalization(FoldedBatchNormalization):
             dilation_rate=self.dilation_rate,
         )
 
+    def linear_layer(self):
+        return keras.layers.Conv2D(
+            self.filters, self.kernel_size, strides=self.strides, padding=self.padding,
+            data_format=self.data_format, dilation_rate=self.dilation_rate, groups=self.groups,
+            use_bias=True, name=self.name, dtype="float32",
+        )
+
     def compute_output_shape(self, input_shape):
         if self.data_format == "channels_last":
             spatial = input_shape[1:3]

@@ -61,6 +61,9 @@ class DenseBatchNormalization(FoldedBatchNormalization):
     def linear(self, x, kernel):
         return ops.matmul(x, kernel)
 
+    def linear_layer(self):
+        return keras.layers.Dense(self.units, use_bias=True, name=self.name, dtype="float32")
+
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
 

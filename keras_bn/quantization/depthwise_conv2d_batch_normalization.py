@@ -83,6 +83,13 @@ class DepthwiseConv2DBatchNormalization(Conv2DBatchNormalization):
             dilation_rate=self.dilation_rate,
         )
 
+    def linear_layer(self):
+        return keras.layers.DepthwiseConv2D(
+            self.kernel_size, strides=self.strides, padding=self.padding,
+            depth_multiplier=self.depth_multiplier, data_format=self.data_format,
+            dilation_rate=self.dilation_rate, use_bias=True, name=self.name, dtype="float32",
+        )
+
     def compute_output_shape(self, input_shape):
         channels = input_shape[self.output_channel_axis(4)]
         self.filters = channels * self.depth_multiplier

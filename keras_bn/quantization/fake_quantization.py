@@ -13,6 +13,7 @@ inside the range (the straight-through estimator of Jacob et al. 2018, Sec. 3.1)
 are statistics of the data, never trained, so no gradient flows into them.
 """
 
+import numpy as np
 from keras import ops, quantizers
 
 # A channel whose weights are all zero has range [0, 0]; a tiny range keeps the quantization
@@ -60,9 +61,22 @@ def fake_quantize_activations(x, minimum, maximum, num_bits):
     Returns:
         A tensor like `x`; its gradient is the identity inside the range and 0 outside.
     """
-    minimum = ops.minimum(ops.stop_gradient(ops.cast(minimum, "float32")), 0.0)
-    maximum = ops.maximum(ops.stop_gradient(ops.cast(maximum, "float32")), 0.0)
-    maximum = ops.maximum(maximum, minimum + _TINY_RANGE)
+    minimum, maximum = activation_range(ops.stop_gradient(ops.cast(minimum, "float32")),
+                                        ops.stop_gradient(ops.cast(maximum, "float32")))
     return quantizers.fake_quant_with_min_max_vars(
         x, minimum, maximum, num_bits=num_bits, narrow_range=False
     )
+
+
+def activation_range(minimum, maximum):
+    """The activation grid's range for a learned `[minimum, maximum]`: widened to hold 0, and
+    at least `_TINY_RANGE` wide (float32 scalars or tensors; Python floats give Python floats,
+    rounded as float32 tensors are)."""
+    if isinstance(minimum, float) and isinstance(maximum, float):
+        low = np.minimum(np.float32(minimum), np.float32(0.0))
+        high = np.maximum(np.float32(maximum), np.float32(0.0))
+        high = np.maximum(high, low + np.float32(_TINY_RANGE))
+        return float(low), float(high)
+    minimum = ops.minimum(minimum, 0.0)
+    maximum = ops.maximum(maximum, 0.0)
+    return minimum, ops.maximum(maximum, minimum + _TINY_RANGE)

@@ -120,7 +120,38 @@ class FoldedBatchNormalization(keras.layers.Layer):
         """`kernel` on the per-output-channel grid (output channels on its last axis)."""
         return fake_quantization.fake_quantize_kernel(kernel, self.weight_bits, axis=-1)
 
+    def linear_layer(self):
+        """A new, unbuilt float Keras layer (Conv2D, DepthwiseConv2D, Dense) with a bias that
+        computes `linear(x, kernel) + bias`."""
+        raise NotImplementedError
+
     # The shared computation.
+
+    def folded_weights(self):
+        """The kernel and bias of the deployed layer, as NumPy float32 arrays: `Q(kernel * a)`
+        and `beta - a * moving_mean + a * bias`, what inference computes with
+        (`linear_layer().set_weights(...)` takes them)."""
+        gamma = self._vector(self.gamma, 1.0)
+        a = gamma / ops.sqrt(ops.cast(self.moving_variance, "float32") + self.epsilon)
+        kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
+        if self.weight_bits is not None:
+            kernel = self.quantize_kernel(kernel)
+        bias = (self._vector(self.beta, 0.0) - a * ops.cast(self.moving_mean, "float32")
+                + a * self._vector(self.bias, 0.0))
+        return [ops.convert_to_numpy(kernel).astype("float32"),
+                ops.convert_to_numpy(bias).astype("float32")]
+
+    def input_range(self):
+        """`(minimum, maximum)` of the input's grid as Python floats (the learned range widened
+        to hold 0), or `None` when the input stays in float: no `activation_bits`, or no training
+        batch seen yet."""
+        if self.activation_bits is None:
+            return None
+        minimum = float(ops.convert_to_numpy(self.input_min))
+        maximum = float(ops.convert_to_numpy(self.input_max))
+        if minimum == 0.0 and maximum == 0.0:
+            return None
+        return fake_quantization.activation_range(minimum, maximum)
 
     def build(self, input_shape):
         self.channels = self.build_kernel(input_shape)

@@ -1,0 +1,256 @@
+"""A QAT model to int8 ONNX: freezing to the deployed layers, the int8 weight pass, and the graph
+in onnxruntime against the QAT model's inference (within one quantization step)."""
+
+import collections
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import export
+import keras_bn
+from export import qdq_passes
+from export.__main__ import main
+from export.freezing import freeze
+from keras_bn.quantization.deployment import FakeQuantization
+from keras_bn.verification import quantization_step
+
+BN_ARITHMETIC = {"BatchNormalization", "Mul", "Sub", "Div", "Sqrt", "Rsqrt", "Reciprocal"}
+
+
+def branchy_model():
+    """Conv, depthwise and dense pairs, one tensor feeding two pairs, a concat and a float head."""
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = keras_bn.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU()(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    y = keras_bn.BatchNormalization(name="depthwise_bn")(y)
+    y = keras.layers.ReLU()(y)
+    z = keras.layers.Conv2D(8, 1, name="pointwise")(x)
+    z = keras.layers.BatchNormalization(name="pointwise_bn")(z)
+    z = keras.layers.ReLU()(z)
+    x = keras.layers.Concatenate()([y, z])
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(16, name="hidden")(x)
+    x = keras_bn.BatchNormalization(name="hidden_bn")(x)
+    x = keras.layers.ReLU()(x)
+    outputs = keras.layers.Dense(5, name="logits")(x)
+    return keras.Model(inputs, outputs, name="branchy")
+
+
+def images(count=64, seed=0):
+    return np.random.default_rng(seed).standard_normal((count, 12, 12, 3)).astype("float32")
+
+
+def trained_qat_model(weight_bits=8, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras_bn.prepare_qat(branchy_model(), weight_bits=weight_bits)
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    x = images(seed=seed)
+    y = np.random.default_rng(seed).integers(0, 5, len(x))
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def qat_model():
+    return trained_qat_model()
+
+
+def run(path, x):
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_freeze_writes_each_qat_layer_as_quantizer_and_plain_layer(qat_model, tmp_path):
+    frozen = freeze(qat_model)
+    assert sorted(frozen.freeze_report.quantized) == ["depthwise", "hidden", "pointwise", "stem"]
+    x = images(seed=1)
+    # The deployed layers compute what the QAT layers compute in inference, exactly.
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(frozen(x)),
+                                  keras.ops.convert_to_numpy(qat_model(x, training=False)))
+    stem = frozen.get_layer("stem")
+    quantizer, conv = stem.layers
+    assert isinstance(quantizer, FakeQuantization) and type(conv) is keras.layers.Conv2D
+    assert quantizer.minimum == min(float(qat_model.get_layer("stem").input_min.numpy()), 0.0)
+    # The deployed model is a Keras model like any other: it saves and loads.
+    frozen.save(tmp_path / "frozen.keras")
+    loaded = keras.saving.load_model(tmp_path / "frozen.keras")
+    np.testing.assert_array_equal(loaded(x).numpy(), frozen(x).numpy())
+
+
+def test_qat_model_exports_an_int8_graph_within_one_step(qat_model, tmp_path):
+    path = tmp_path / "qat.onnx"
+    result = export.to_onnx(qat_model, path, batch_sizes=(1, 64))
+    assert sorted(result.qat_layers) == ["depthwise", "hidden", "pointwise", "stem"]
+    assert 0.0 <= result.max_error_steps <= 1.0
+    assert "QAT: 4 layers as int8 QDQ" in result.summary()
+    proto = onnx.load(path)
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    assert not BN_ARITHMETIC & set(ops), ops
+    # One QuantizeLinear per distinct learned range: the stem's input, the tensor that two
+    # pairs read (tf2onnx merges their identical pairs), the hidden layer's input.
+    assert ops["QuantizeLinear"] == 3
+    int8 = [numpy_helper.to_array(i) for i in proto.graph.initializer
+            if i.data_type == TensorProto.INT8 and i.name.endswith("_quantized")]
+    assert len(int8) == 4  # the four folded kernels
+    assert all(np.abs(w).max() == 127 for w in int8)
+    assert len([i for i in proto.graph.initializer if i.data_type == TensorProto.INT32
+                and i.name.endswith("_quantized")]) == 3  # the convolutions' biases
+    # On data like the training data, the graph computes what was trained.
+    x = images(256, seed=2)
+    expected = qat_model(x, training=False).numpy()
+    error = np.abs(run(path, x) - expected).max()
+    assert error <= quantization_step(expected), (error, quantization_step(expected))
+
+
+def test_onnxruntime_fuses_the_quantized_convolution(qat_model, tmp_path):
+    path = tmp_path / "qat.onnx"
+    export.to_onnx(qat_model, path, verify=False)
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    # The stem's output goes through ReLU to a learned range: an integer convolution.
+    assert "QLinearConv" in ops
+
+
+def test_four_bit_weights_export_on_their_grid(tmp_path):
+    model = trained_qat_model(weight_bits=4, seed=3)
+    result = export.to_onnx(model, tmp_path / "w4.onnx")
+    assert result.max_error_steps <= 1.0
+    proto = onnx.load(tmp_path / "w4.onnx")
+    kernels = [numpy_helper.to_array(i) for i in proto.graph.initializer
+               if i.data_type == TensorProto.INT8 and i.name.endswith("_quantized")]
+    assert len(kernels) == 4 and all(np.abs(k).max() == 7 for k in kernels)
+
+
+def test_quantize_option_and_float16_weights_are_refused_for_a_qat_model(qat_model, tmp_path):
+    with pytest.raises(ValueError, match="learned ranges, with no calibration"):
+        export.to_onnx(qat_model, tmp_path / "a.onnx", quantize="int8",
+                       calibration_data=images())
+    with pytest.raises(ValueError, match="float16_weights does not apply"):
+        export.to_onnx(qat_model, tmp_path / "b.onnx", float16_weights=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_exports_a_saved_qat_model(qat_model, tmp_path, capsys):
+    saved = tmp_path / "qat.keras"
+    qat_model.save(saved)
+    output = tmp_path / "qat.onnx"
+    assert main([str(saved), "-o", str(output)]) == 0
+    assert "QAT: 4 layers as int8 QDQ" in capsys.readouterr().out
+    x = images(32, seed=4)
+    expected = qat_model(x, training=False).numpy()
+    assert np.abs(run(output, x) - expected).max() <= quantization_step(expected)
+    np.save(tmp_path / "calibration.npy", x)
+    status = main([str(saved), "-o", str(tmp_path / "int8.onnx"), "--int8", "--calibration",
+                   str(tmp_path / "calibration.npy")])
+    assert status != 0
+    assert "no calibration" in capsys.readouterr().err
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_a_qat_model_that_saw_no_data_keeps_float_inputs(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras_bn.prepare_qat(branchy_model())
+    result = export.to_onnx(model, tmp_path / "unseen.onnx")
+    ops = collections.Counter(node.op_type for node in onnx.load(tmp_path / "unseen.onnx")
+                              .graph.node)
+    # No range learned: no activation quantizer, and the kernels (on their grid) stay float.
+    assert ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 0
+    assert result.max_error < 1e-4
+
+
+# The int8 weight pass on hand-built graphs.
+
+def conv_graph(weight, bias, input_scale=0.05):
+    """x -> QuantizeLinear -> DequantizeLinear -> Conv(weight, bias) -> y."""
+    channels = weight.shape[1]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("Conv", ["xd", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[0], 5, 5])],
+        [numpy_helper.from_array(np.array(input_scale, np.float32), "s"),
+         numpy_helper.from_array(np.array(128, np.uint8), "z"),
+         numpy_helper.from_array(weight.astype(np.float32), "w"),
+         numpy_helper.from_array(bias.astype(np.float32), "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def on_grid_weight(rng, bits, shape=(4, 3, 3, 3)):
+    levels = 2 ** (bits - 1) - 1
+    integers = rng.integers(-levels, levels + 1, shape)
+    integers[:, 0, 0, 0] = levels  # every channel reaches the grid's end
+    steps = rng.uniform(0.01, 0.1, shape[0]).astype(np.float32)
+    return (integers * steps[:, None, None, None]).astype(np.float32), integers, steps
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_on_grid_recovers_integers_and_steps(bits):
+    weight, integers, steps = on_grid_weight(np.random.default_rng(bits), bits)
+    found = qdq_passes.on_grid(weight, axis=0)
+    assert found is not None
+    np.testing.assert_array_equal(found[0], integers)
+    np.testing.assert_allclose(found[1], steps, rtol=1e-6)
+
+
+def test_on_grid_refuses_float_weights_and_keeps_zero_channels():
+    rng = np.random.default_rng(0)
+    assert qdq_passes.on_grid(rng.normal(size=(4, 3, 3, 3)), axis=0) is None
+    weight, _, _ = on_grid_weight(rng, 8)
+    weight[2] = 0.0
+    integers, steps = qdq_passes.on_grid(weight, axis=0)
+    assert steps[2] == 1.0 and not integers[2].any()
+
+
+def session_output(proto, x, optimize=True):
+    options = onnxruntime.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_weights_to_int8_stores_the_grid_and_computes_the_same():
+    rng = np.random.default_rng(1)
+    weight, integers, _ = on_grid_weight(rng, 8)
+    bias = rng.normal(size=4)
+    proto = conv_graph(weight, bias)
+    x = rng.uniform(-3, 3, (1, 3, 5, 5)).astype(np.float32)
+    before = session_output(proto, x, optimize=False)
+    assert qdq_passes.weights_to_int8(proto) == {"DequantizeLinear": 2}
+    onnx.checker.check_model(proto, full_check=True)
+    stored = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    np.testing.assert_array_equal(stored["w_quantized"], integers)
+    assert stored["b_quantized"].dtype == np.int32
+    after = session_output(proto, x)
+    # Only the bias rounds: by at most half of one accumulator step, input step * weight step.
+    bound = 0.5 * 0.05 * stored["w_scale"].max()
+    np.testing.assert_allclose(after, before, atol=bound + 1e-5)
+
+
+def test_weights_to_int8_leaves_float_weights_and_unquantized_inputs():
+    rng = np.random.default_rng(2)
+    proto = conv_graph(rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4))
+    assert qdq_passes.weights_to_int8(proto) == {}
+    weight, _, _ = on_grid_weight(rng, 8)
+    proto = conv_graph(weight, rng.normal(size=4))
+    del proto.graph.node[:2]  # the Conv reads the graph input, no DequantizeLinear
+    proto.graph.node[0].input[0] = "x"
+    assert qdq_passes.weights_to_int8(proto) == {}
