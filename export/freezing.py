@@ -153,9 +153,9 @@ def freeze(model, fold=True, verify=True, tolerance=None):
     fixed-range input quantizer over the learned range and a plain layer holding the folded,
     quantized kernel; every remaining BN (ours or Keras's) becomes a `FrozenAffine` with the
     constants of Algorithm 2, line 11; dropout and noise layers become `Identity`; `training=`
-    arguments recorded in the graph are dropped. The input model is not modified; the result shares no
-    weights with it, is not compiled (no optimizer state) and carries a `freeze_report`
-    (`FreezeReport`).
+    arguments recorded in the graph are dropped. The input model is not modified; the result
+    shares no weights with it, is not compiled (no optimizer state) and carries a
+    `freeze_report` (`FreezeReport`).
 
     Args:
         model: a built Functional or Sequential `keras.Model` (nested Functional/Sequential models
