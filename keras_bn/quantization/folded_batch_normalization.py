@@ -206,8 +206,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
             x = self._quantize_input(x, training)
         gamma = self._vector(self.gamma, 1.0)
         beta = self._vector(self.beta, 0.0)
-        moving_mean = ops.cast(self.moving_mean, "float32")
-        moving_variance = ops.cast(self.moving_variance, "float32")
+        # Copies: the values this step computes with, before the updates below assign the
+        # variables in place (torch's autograd refuses a saved tensor changed in place).
+        moving_mean = ops.copy(ops.cast(self.moving_mean, "float32"))
+        moving_variance = ops.copy(ops.cast(self.moving_variance, "float32"))
         a = gamma / ops.sqrt(moving_variance + self.epsilon)
         kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
         if self.weight_bits is not None:
@@ -239,8 +241,8 @@ class FoldedBatchNormalization(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _quantize_input(self, x, training):
-        minimum = ops.cast(self.input_min, "float32")
-        maximum = ops.cast(self.input_max, "float32")
+        minimum = ops.copy(ops.cast(self.input_min, "float32"))
+        maximum = ops.copy(ops.cast(self.input_max, "float32"))
         seen = ops.logical_or(ops.not_equal(minimum, 0.0), ops.not_equal(maximum, 0.0))
         if training:
             batch_min = ops.stop_gradient(ops.min(x))
