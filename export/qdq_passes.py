@@ -44,8 +44,9 @@ def weights_to_int8(proto):
     bits: `step_c = max|w_c| / (2^(b-1) - 1)`). The weight becomes an int8 initializer
     followed by a DequantizeLinear (zero point 0, one step per channel), which computes the same
     values to float32 rounding. A Conv's float bias becomes int32 on the steps
-    `input_step * step_c` (rounded to the nearest integer: an error of at most half of one
-    accumulator step), which onnxruntime's QLinearConv requires.
+    `input_step * step_c`, which onnxruntime's QLinearConv requires: exact for a `keras_bn`
+    QAT layer, which rounds its bias to that grid; otherwise rounded to the nearest integer,
+    an error of at most half of one accumulator step.
 
     Args:
         proto: an `onnx.ModelProto`, changed in place.
@@ -73,17 +74,19 @@ def weights_to_int8(proto):
         if node.op_type == "MatMul" and values.ndim != 2:
             continue
         axis = _WEIGHT_AXIS[node.op_type] % values.ndim
-        grid = on_grid(values, axis)
-        if grid is None:
-            logger.info("weights_to_int8: %s's weight is not on an integer grid; left float",
-                        node.name)
-            continue
-        integers, steps = grid
         bias_name = node.input[2] if node.op_type == "Conv" and len(node.input) > 2 else ""
         bias = initializers.get(bias_name)
         if bias_name and (bias is None or bias.data_type != TensorProto.FLOAT
                           or len(index.consumers.get(bias_name, [])) != 1):
             continue  # a bias onnxruntime cannot take as int32: leave the node float
+        bias_units = (None if bias is None else
+                      numpy_helper.to_array(bias).astype(np.float64) / np.float32(input_step))
+        grid = on_grid(values, axis, bias_units)
+        if grid is None:
+            logger.info("weights_to_int8: %s's weight is not on an integer grid; left float",
+                        node.name)
+            continue
+        integers, steps = grid
         node.input[1] = _dequantized(graph, new_nodes, weight_name, integers, steps, axis,
                                      np.zeros(steps.shape, np.int8))
         added += 1
@@ -103,10 +106,15 @@ def weights_to_int8(proto):
     return {"DequantizeLinear": +added}
 
 
-def on_grid(values, axis):
+def on_grid(values, axis, bias_units=None):
     """`(integers, steps)` with `values == integers * steps` (steps along `axis`) to float32
     rounding, `integers` int8 in `[-127, 127]`, or `None` when some channel lies on no symmetric
-    grid of 2 to 8 bits. A channel of zeros gets step 1."""
+    grid of 2 to 8 bits. A channel of zeros gets step 1.
+
+    A channel on a coarse grid lies on finer ones too (7 levels divide 63): it takes the
+    coarsest grid on which `bias_units[c] / step` is also an integer, where `bias_units` is the
+    bias divided by the input's step (a `keras_bn` QAT layer rounds its bias to the
+    accumulator's grid, `input_step * step`), else the coarsest grid."""
     moved = np.moveaxis(values.astype(np.float64), axis, 0).reshape(values.shape[axis], -1)
     largest = np.abs(moved).max(axis=1)
     steps = np.ones(len(largest))
@@ -114,20 +122,28 @@ def on_grid(values, axis):
     for channel, bound in enumerate(largest):
         if bound == 0.0:
             continue
+        fitting = []
         for levels in _GRID_BOUNDS:
             step = bound / levels
             scaled = moved[channel] / step
-            rounded = np.round(scaled)
-            if np.abs(scaled - rounded).max() <= _GRID_TOLERANCE:
-                steps[channel] = step
-                integers[channel] = rounded.astype(np.int8)
-                break
-        else:
+            if np.abs(scaled - np.round(scaled)).max() <= _GRID_TOLERANCE:
+                fitting.append(step)
+        if not fitting:
             return None
+        chosen = fitting[0]
+        if bias_units is not None:
+            chosen = next((step for step in fitting if _is_integer(bias_units[channel] / step)),
+                          chosen)
+        steps[channel] = chosen
+        integers[channel] = np.round(moved[channel] / chosen).astype(np.int8)
     shape = list(values.shape)
     shape.insert(0, shape.pop(axis))
     integers = np.moveaxis(integers.reshape(shape), 0, axis)
     return integers, steps.astype(np.float32)
+
+
+def _is_integer(value):
+    return abs(value - round(value)) <= _GRID_TOLERANCE + 1e-6 * abs(value)
 
 
 def _dequantized_step(name, index):

@@ -129,8 +129,9 @@ class FoldedBatchNormalization(keras.layers.Layer):
 
     def folded_weights(self):
         """The kernel and bias of the deployed layer, as NumPy float32 arrays: `Q(kernel * a)`
-        and `beta - a * moving_mean + a * bias`, what inference computes with
-        (`linear_layer().set_weights(...)` takes them)."""
+        and `beta - a * moving_mean + a * bias` (on the accumulator's grid when the input is
+        quantized), what inference computes with (`linear_layer().set_weights(...)` takes
+        them)."""
         gamma = self._vector(self.gamma, 1.0)
         a = gamma / ops.sqrt(ops.cast(self.moving_variance, "float32") + self.epsilon)
         kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
@@ -138,6 +139,9 @@ class FoldedBatchNormalization(keras.layers.Layer):
             kernel = self.quantize_kernel(kernel)
         bias = (self._vector(self.beta, 0.0) - a * ops.cast(self.moving_mean, "float32")
                 + a * self._vector(self.bias, 0.0))
+        if self.activation_bits is not None:
+            _, input_step = self._quantize_input(ops.zeros((1,)), training=False)
+            bias = self._quantize_bias(bias, kernel, input_step)
         return [ops.convert_to_numpy(kernel).astype("float32"),
                 ops.convert_to_numpy(bias).astype("float32")]
 
@@ -202,8 +206,9 @@ class FoldedBatchNormalization(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = ops.cast(inputs, "float32")
         training = bool(training) and self.trainable
+        input_step = None
         if self.activation_bits is not None:
-            x = self._quantize_input(x, training)
+            x, input_step = self._quantize_input(x, training)
         gamma = self._vector(self.gamma, 1.0)
         beta = self._vector(self.beta, 0.0)
         # Copies: the values this step computes with, before the updates below assign the
@@ -218,7 +223,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
         rank = len(linear.shape)
         bias = self._vector(self.bias, 0.0)
         # The folded, deployed layer: Algorithm 2's affine map folded into the kernel.
-        folded = linear + self._per_channel(beta - a * moving_mean + a * bias, rank)
+        folded_bias = beta - a * moving_mean + a * bias
+        if input_step is not None:
+            folded_bias = self._quantize_bias(folded_bias, kernel, input_step)
+        folded = linear + self._per_channel(folded_bias, rank)
         if not training:
             return ops.cast(folded, self.compute_dtype)
 
@@ -252,13 +260,34 @@ class FoldedBatchNormalization(keras.layers.Layer):
             maximum = ops.where(seen, m * maximum + (1.0 - m) * batch_max, batch_max)
             self.input_min.assign(minimum)
             self.input_max.assign(maximum)
-            return fake_quantization.fake_quantize_activations(
+            quantized = fake_quantization.fake_quantize_activations(
                 x, minimum, maximum, self.activation_bits
             )
+            return quantized, self._input_step(minimum, maximum)
         quantized = fake_quantization.fake_quantize_activations(
             x, minimum, maximum, self.activation_bits
         )
-        return ops.where(seen, quantized, x)
+        step = ops.where(seen, self._input_step(minimum, maximum), 0.0)
+        return ops.where(seen, quantized, x), step
+
+    def _input_step(self, minimum, maximum):
+        low, high = fake_quantization.activation_range(minimum, maximum)
+        return (high - low) / (2.0**self.activation_bits - 1.0)
+
+    def _quantize_bias(self, bias, kernel, input_step):
+        """`bias` rounded to the grid of the integer layer's accumulator, `input_step *
+        kernel_step[c]` per output channel (what onnxruntime's QLinearConv adds, as int32), with a
+        straight-through gradient; left as it is where the input is not quantized (step 0).
+        `kernel` is the quantized kernel; a channel of zeros counts as kernel step 1."""
+        if self.weight_bits is None:
+            return bias
+        levels = 2.0 ** (self.weight_bits - 1) - 1.0
+        largest = ops.max(ops.abs(ops.reshape(kernel, (-1, self.channels))), axis=0)
+        kernel_step = ops.where(largest > 0.0, largest / levels, 1.0)
+        step = ops.stop_gradient(input_step * kernel_step)
+        safe = ops.where(step > 0.0, step, 1.0)
+        rounded = ops.round(bias / safe) * safe
+        return ops.where(step > 0.0, bias + ops.stop_gradient(rounded - bias), bias)
 
     def _vector(self, variable, default):
         if variable is None:
