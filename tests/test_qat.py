@@ -145,6 +145,33 @@ def test_input_range_is_set_by_the_first_batch_then_moves():
     np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=1e-4)
 
 
+def test_inference_with_a_quantized_input_is_the_integer_layer():
+    # Input, kernel and bias all on their grids: the bias on the accumulator's, input step x
+    # kernel step per channel, as an integer convolution (onnxruntime's QLinearConv) adds it.
+    rng = np.random.default_rng(5)
+    layer = random_layer(rng, use_bias=True, activation_bits=8)
+    x = rng.normal(0.5, 1.0, (4, 6, 6, 3)).astype("float32")
+    layer(x, training=True)  # learns the input range
+    w = weights64(layer)
+    minimum = min(float(to_numpy(layer.input_min)), 0.0)
+    maximum = max(float(to_numpy(layer.input_max)), 0.0)
+
+    y = to_numpy(layer(x, training=False))
+
+    a = w["gamma"] / np.sqrt(w["moving_variance"] + EPSILON)
+    kernel = quantize_kernel(w["kernel"] * a)
+    input_step = (maximum - minimum) / 255
+    bias_step = input_step * np.abs(kernel).max(axis=(0, 1, 2)) / 127
+    bias = w["beta"] - a * w["moving_mean"] + a * w["bias"]
+    quantized_bias = np.round(bias / bias_step) * bias_step
+    assert np.abs(quantized_bias - bias).max() > 0  # the rounding is visible
+    expected = conv2d_same(quantize_activations(x.astype("float64"), minimum, maximum), kernel)
+    np.testing.assert_allclose(y, expected + quantized_bias, atol=2e-4, rtol=1e-4)
+    # The integers of the accumulator: (y - bias) / bias_step and bias / bias_step.
+    accumulator = (to_numpy(layer(x, training=False)) - quantized_bias) / bias_step
+    np.testing.assert_allclose(accumulator, np.round(accumulator), atol=0.05)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_dense_layer_matches_its_folded_fake_quantized_reference(training):
     rng = np.random.default_rng(11)
