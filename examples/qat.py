@@ -44,6 +44,7 @@ import keras_bn
 from examples import cli, reporting, training
 from examples.data import load_dataset
 from examples.variants import build_variant
+from keras_bn.verification import quantization_step
 
 NETWORKS = ("bn_inception", "mobilenet")
 # BN-Inception on digits: benchmarks.quantize's recipe (BN-x5, 600 steps of 32).
@@ -170,15 +171,26 @@ def float_step_times(model, data, steps, seed):
     return timer.seconds
 
 
-def onnx_accuracy(path, x, y):
+def onnx_outputs(path, x):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    logits = np.concatenate([session.run(None, {name: x[i:i + 256]})[0]
-                             for i in range(0, len(x), 256)])
-    return float(np.mean(np.argmax(logits, axis=-1) == y))
+    return np.concatenate([session.run(None, {name: x[i:i + 256]})[0]
+                           for i in range(0, len(x), 256)])
+
+
+def onnx_accuracy(path, x, y):
+    return float(np.mean(np.argmax(onnx_outputs(path, x), axis=-1) == y))
+
+
+def steps_from_keras(path, model, x):
+    """How far the graph's outputs on `x` lie from the Keras model's, in quantization steps of
+    the output (its range / 255): the largest, and the fraction beyond one step."""
+    expected = training.predict(model, x)
+    steps = np.abs(onnx_outputs(path, x) - expected) / quantization_step(expected)
+    return float(steps.max()), float(np.mean(steps > 1.0))
 
 
 def median_step_ms(seconds):
@@ -204,7 +216,9 @@ def run_one(network, data, seed, args, folder):
         result = export.to_onnx(qat_model, f"{path}_qat{bits}.onnx")
         row[f"qat{bits}"] = onnx_accuracy(f"{path}_qat{bits}.onnx", x_test, y_test)
         row[f"qat{bits}_keras"] = training.evaluate_accuracy(qat_model, x_test, y_test)
-        row[f"qat{bits}_max_error_steps"] = result.max_error_steps
+        row[f"qat{bits}_test_steps_max"], row[f"qat{bits}_test_beyond_one_step"] = \
+            steps_from_keras(f"{path}_qat{bits}.onnx", qat_model, x_test)
+        row[f"qat{bits}_verification_steps_max"] = result.max_error_steps
         if bits == 8:
             row["qat_step_ms"] = median_step_ms(times)
     ptq4 = keras_bn.prepare_qat(model, weight_bits=4)

@@ -37,6 +37,12 @@ PROTOBUF_LIMIT = 2**31 - 1  # a single ONNX file cannot exceed protobuf's 2 GiB
 # upsampled features again (U-Nets, feature pyramids) need.
 DEFAULT_DYNAMIC_SIZES = (32, 64)
 QUANTIZE_OPTIONS = (None, "int8")
+# A QAT graph computes in integers what the QAT model computes in float32: a value within float32
+# rounding of a rounding boundary quantizes the other way, and in a deep network the difference
+# can grow. Verification allows this fraction of each output's values to lie more than one
+# quantization step from Keras (measured on a trained QAT BN-Inception: none on test digits, 2%
+# on uniform noise).
+QAT_MAX_BEYOND_ONE_STEP = 0.05
 
 
 @dataclasses.dataclass
@@ -70,9 +76,12 @@ class ExportResult:
         qat_layers: the QAT layers (`keras_bn.prepare_qat`) written as int8 QDQ: their inputs
             quantized over the learned ranges, their folded kernels stored as int8 on their
             learned grids (`export.qdq_passes`).
-        max_error_steps: with QAT layers, the largest `max|onnxruntime - keras|` over outputs
-            and batch sizes, in quantization steps of each output (its range over the
-            verification batch / 255); verification requires at most 1. `None` otherwise.
+        max_error_steps: with QAT layers, the largest `|onnxruntime - keras|` over outputs and
+            batch sizes, in quantization steps of each output (its range over the verification
+            batch / 255). `None` otherwise.
+        beyond_one_step: with QAT layers, the largest fraction of an output's values more than
+            one quantization step from Keras; verification requires at most
+            `QAT_MAX_BEYOND_ONE_STEP`. `None` otherwise.
     """
 
     path: str
@@ -95,6 +104,7 @@ class ExportResult:
     quantization: object = None
     qat_layers: list = dataclasses.field(default_factory=list)
     max_error_steps: float = None
+    beyond_one_step: float = None
 
     @property
     def num_nodes(self):
@@ -123,7 +133,8 @@ class ExportResult:
         ]
         if self.qat_layers:
             steps = ("not verified" if self.max_error_steps is None
-                     else f"{self.max_error_steps:.2f} quantization steps of each output")
+                     else f"{self.max_error_steps:.2f} quantization steps of each output, "
+                          f"{self.beyond_one_step:.2%} of values beyond one step")
             lines.append(f"QAT: {len(self.qat_layers)} layers as int8 QDQ from their learned "
                          f"ranges and grids; max error vs Keras: {steps}")
         if self.quantization is not None:
@@ -298,11 +309,11 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     data = proto.SerializeToString()
 
     runs = _verification_runs(inputs, batch_sizes, dynamic_sizes)
-    max_error, max_steps, cases = None, None, []
+    max_error, steps, cases = None, (None, None), []
     if verify:
         logger.info("to_onnx: verifying with onnxruntime at %s", _describe_runs(runs))
-        max_error, max_steps, cases = _verify(model, data, inputs, output_names, nchw, runs,
-                                              tolerance, seed, in_steps=qat)
+        max_error, steps, cases = _verify(model, data, inputs, output_names, nchw, runs,
+                                          tolerance, seed, in_steps=qat)
     report = None
     if quantize == "int8":
         logger.info("to_onnx: quantizing to int8 (%s calibration)", calibration_method)
@@ -334,7 +345,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
                       for value in proto.graph.input],
         quantization=report,
         qat_layers=list(freeze_report.quantized),
-        max_error_steps=max_steps,
+        max_error_steps=steps[0], beyond_one_step=steps[1],
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
@@ -662,13 +673,15 @@ def _session(data):
 
 
 def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed, in_steps=False):
-    """Largest relative error of onnxruntime against Keras, the largest in quantization steps
-    (`in_steps`, else None), and the runs as `(feed, Keras output shapes, description)`;
-    VerificationError past tolerance: `tolerance` relative to max(1, max|output|), or with
-    `in_steps` one quantization step of each output (`verification.quantization_step`)."""
+    """Largest relative error of onnxruntime against Keras; with `in_steps`, the largest error
+    in quantization steps of each output (`verification.quantization_step`) and the largest
+    fraction of an output's values beyond one step (else `(None, None)`); and the runs as
+    `(feed, Keras output shapes, description)`. VerificationError past tolerance: `tolerance`
+    relative to max(1, max|output|), or with `in_steps` more than `QAT_MAX_BEYOND_ONE_STEP` of an
+    output's values beyond one step."""
     session = _session(data)
     rng = np.random.default_rng(seed)
-    worst, worst_steps = 0.0, (0.0 if in_steps else None)
+    worst, worst_steps, worst_beyond = 0.0, 0.0, 0.0
     cases = []
     for batch_size, size in runs:
         where = f"batch size {batch_size}" + ("" if size is None else f", unknown dimensions "
@@ -695,14 +708,18 @@ def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed, in_s
                     f"({where}); no file was written"
                 )
             if in_steps:
-                steps = error / verification.quantization_step(want)
-                if not steps <= 1.0:
+                steps = np.abs(got.astype(np.float64) - want) / verification.quantization_step(
+                    want)
+                beyond = float(np.mean(~(steps <= 1.0)))
+                if beyond > QAT_MAX_BEYOND_ONE_STEP:
                     raise VerificationError(
-                        f"onnxruntime output '{name}' differs from the QAT model by "
-                        f"{steps:.3g} quantization steps of the output (its range / 255) "
-                        f"({where}), more than one; no file was written"
+                        f"{beyond:.1%} of onnxruntime output '{name}' lies more than one "
+                        f"quantization step (the output's range / 255) from the QAT model, up "
+                        f"to {np.nanmax(steps):.3g} steps ({where}), above the "
+                        f"{QAT_MAX_BEYOND_ONE_STEP:.0%} allowed; no file was written"
                     )
-                worst_steps = max(worst_steps, steps)
+                worst_steps = max(worst_steps, float(np.nanmax(steps)))
+                worst_beyond = max(worst_beyond, beyond)
             elif not verification.within_tolerance(error, scale, tolerance):
                 raise VerificationError(
                     f"onnxruntime output '{name}' differs from Keras by {error / scale:.3g} "
@@ -711,7 +728,7 @@ def _verify(model, data, inputs, output_names, nchw, runs, tolerance, seed, in_s
                 )
             worst = max(worst, error / scale)
         cases.append((feed, shapes, where))
-    return worst, worst_steps, cases
+    return worst, ((worst_steps, worst_beyond) if in_steps else (None, None)), cases
 
 
 def _check_runs(proto, cases, output_names):

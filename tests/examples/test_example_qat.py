@@ -22,7 +22,7 @@ def test_quick_run_writes_every_accuracy(tmp_path, capsys):
     for key in ("float", "ptq8", "qat8", "ptq4", "qat4"):
         assert 0.0 <= row[key] <= 1.0, key
     # What was trained is what was deployed: the QAT graphs match Keras within one step.
-    assert row["qat8_max_error_steps"] <= 1.0 and row["qat4_max_error_steps"] <= 1.0
+    assert row["qat8_test_steps_max"] <= 1.0 and row["qat4_test_steps_max"] <= 1.0
     assert row["qat_step_cost"] > 0
     summary = result["summary"]["mobilenet"]
     assert set(summary) >= {"qat8_drop_points", "qat8_never_below_ptq8", "qat4_minus_ptq4_points"}

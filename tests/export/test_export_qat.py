@@ -91,7 +91,7 @@ def test_qat_model_exports_an_int8_graph_within_one_step(qat_model, tmp_path):
     path = tmp_path / "qat.onnx"
     result = export.to_onnx(qat_model, path, batch_sizes=(1, 64))
     assert sorted(result.qat_layers) == ["depthwise", "hidden", "pointwise", "stem"]
-    assert 0.0 <= result.max_error_steps <= 1.0
+    assert 0.0 <= result.max_error_steps <= 1.0 and result.beyond_one_step == 0.0
     assert "QAT: 4 layers as int8 QDQ" in result.summary()
     proto = onnx.load(path)
     ops = collections.Counter(node.op_type for node in proto.graph.node)
@@ -254,3 +254,19 @@ def test_weights_to_int8_leaves_float_weights_and_unquantized_inputs():
     del proto.graph.node[:2]  # the Conv reads the graph input, no DequantizeLinear
     proto.graph.node[0].input[0] = "x"
     assert qdq_passes.weights_to_int8(proto) == {}
+
+
+def test_a_graph_that_computes_something_else_is_refused(qat_model, tmp_path, monkeypatch):
+    # A kernel off its trained values (10% larger): verification fails and writes nothing.
+    def scale_first_kernel(proto):
+        for initializer in proto.graph.initializer:
+            values = numpy_helper.to_array(initializer)
+            if values.dtype == np.float32 and values.ndim == 4:
+                initializer.CopyFrom(numpy_helper.from_array(1.1 * values, initializer.name))
+                return {}
+        return {}
+
+    monkeypatch.setattr(qdq_passes, "weights_to_int8", scale_first_kernel)
+    with pytest.raises(keras_bn.VerificationError, match="more than one quantization step"):
+        export.to_onnx(qat_model, tmp_path / "wrong.onnx", batch_sizes=(8, 16))
+    assert not (tmp_path / "wrong.onnx").exists()
