@@ -18,7 +18,8 @@ demo: $(PY)
 test: $(PY)
 	$(PY) -m pytest -n 2 -q tests
 
-# Speed figures (a few minutes each); benchmarks.steps_to_accuracy is the long one, run it apart.
+# Speed figures (a few minutes each; benchmarks.quantize about 10); benchmarks.steps_to_accuracy
+# and examples.qat (accuracy, about 25 minutes) are the long ones, run them apart.
 bench: $(PY)
 	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.layer_speed
 	KERAS_BACKEND=jax $(PY) -m benchmarks.layer_speed
@@ -26,6 +27,7 @@ bench: $(PY)
 	KERAS_BACKEND=jax $(PY) -m benchmarks.training_speed
 	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.fold
 	KERAS_BACKEND=tensorflow $(PY) -m benchmarks.export
+	$(PY) -m benchmarks.quantize
 
 clean:
 	rm -rf $(VENV) *.egg-info demo_output

@@ -51,7 +51,10 @@ def fake_quantize_activations(x, minimum, maximum, num_bits):
 
     `scale = (max - min) / (2^b - 1)`, `zero_point = round(-min / scale)`,
     `q = (clip(round(x / scale) + zero_point, 0, 2^b - 1) - zero_point) * scale`: onnxruntime's
-    uint8 QuantizeLinear followed by DequantizeLinear.
+    uint8 QuantizeLinear followed by DequantizeLinear, ties rounded to even as ONNX rounds them.
+    `keras.quantizers.fake_quant_with_min_max_vars` (TensorFlow's kernel) rounds ties up; the
+    two differ on exact ties, which are common after an average pooling (a sum of integers
+    divided by 4 or 6), so the forward value here is ONNX's and the gradient Keras's.
 
     Args:
         x: float tensor.
@@ -63,9 +66,15 @@ def fake_quantize_activations(x, minimum, maximum, num_bits):
     """
     minimum, maximum = activation_range(ops.stop_gradient(ops.cast(minimum, "float32")),
                                         ops.stop_gradient(ops.cast(maximum, "float32")))
-    return quantizers.fake_quant_with_min_max_vars(
+    keras_rounded = quantizers.fake_quant_with_min_max_vars(
         x, minimum, maximum, num_bits=num_bits, narrow_range=False
     )
+    top = 2.0**num_bits - 1.0
+    scale = (maximum - minimum) / top
+    zero_point = ops.clip(ops.round(-minimum / scale), 0.0, top)
+    quantized = ops.clip(ops.round(x / scale) + zero_point, 0.0, top)
+    onnx_rounded = (quantized - zero_point) * scale
+    return keras_rounded + ops.stop_gradient(onnx_rounded - keras_rounded)
 
 
 def activation_range(minimum, maximum):

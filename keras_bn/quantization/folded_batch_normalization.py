@@ -281,13 +281,17 @@ class FoldedBatchNormalization(keras.layers.Layer):
         `kernel` is the quantized kernel; a channel of zeros counts as kernel step 1."""
         if self.weight_bits is None:
             return bias
-        levels = 2.0 ** (self.weight_bits - 1) - 1.0
-        largest = ops.max(ops.abs(ops.reshape(kernel, (-1, self.channels))), axis=0)
-        kernel_step = ops.where(largest > 0.0, largest / levels, 1.0)
-        step = ops.stop_gradient(input_step * kernel_step)
+        step = ops.stop_gradient(input_step * self._kernel_step(kernel))
         safe = ops.where(step > 0.0, step, 1.0)
         rounded = ops.round(bias / safe) * safe
         return ops.where(step > 0.0, bias + ops.stop_gradient(rounded - bias), bias)
+
+    def _kernel_step(self, kernel):
+        """The step of each output channel's grid of the quantized `kernel`; 1 for a channel of
+        zeros."""
+        levels = 2.0 ** (self.weight_bits - 1) - 1.0
+        largest = ops.max(ops.abs(ops.reshape(kernel, (-1, self.channels))), axis=0)
+        return ops.where(largest > 0.0, largest / levels, 1.0)
 
     def _vector(self, variable, default):
         if variable is None:
