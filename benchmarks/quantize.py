@@ -41,6 +41,7 @@ import argparse
 import collections
 import dataclasses
 import itertools
+import json
 import logging
 import platform
 import statistics
@@ -750,7 +751,13 @@ def main(argv=None):
         holds = {True: "holds", False: "DOES NOT HOLD", None: "not measured"}[entry["holds"]]
         print(f"{entry['target']}: {entry['measured']} (target {entry['threshold']}): {holds}"
               + (f" [{entry['note']}]" if entry["note"] else ""), flush=True)
-    json_path = reporting.write_json(os.path.join(args.output_dir, "quantize.json"), results)
+    json_path = os.path.join(args.output_dir, "quantize.json")
+    if os.path.exists(json_path):  # examples.qat's section, measured apart, stays
+        with open(json_path) as f:
+            previous = json.load(f)
+        if "qat" in previous:
+            results["qat"] = previous["qat"]
+    json_path = reporting.write_json(json_path, results)
     reporting.write_text(os.path.join(args.output_dir, "quantize.md"),
                          table(results, models_run))
     print(f"wrote {json_path} and quantize.md in {results['seconds'] / 60:.1f} min; load average "
