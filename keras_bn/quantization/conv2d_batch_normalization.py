@@ -19,7 +19,8 @@ class Conv2DBatchNormalization(FoldedBatchNormalization):
     - training: `z = conv(x, Q(kernel * a)) / a + bias`, then BN with the batch statistics of `z`
       (Algorithm 1), and the moving statistics updated;
     - inference, or training after `keras_bn.freeze_bn_statistics`:
-      `y = conv(x, Q(kernel * a)) + (beta - a * moving_mean) + a * bias`, the folded layer;
+      `y = conv(x, Q(kernel * a)) + (beta - a * moving_mean) + a * bias`, the folded layer (its
+      bias on the integer accumulator's grid when the input is quantized);
     - with `activation_bits`, the input is fake-quantized (unsigned, per tensor) over a range
       learned by moving min/max.
 

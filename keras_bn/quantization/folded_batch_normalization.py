@@ -27,7 +27,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
     In inference (`training=False` or `None`, or `trainable=False`), and in training once
     `freeze_statistics()` (or `keras_bn.freeze_bn_statistics`) has been called, it is the folded,
     weight-quantized layer that deployment runs:
-    `y = linear(x, Q(kernel * a)) + (beta - a * moving_mean) + a * bias`.
+    `y = linear(x, Q(kernel * a)) + B(beta - a * moving_mean + a * bias)`, where `B` rounds the
+    folded bias to the grid of the integer layer's accumulator, `input_step * kernel_step[c]`
+    (the int32 bias of onnxruntime's QLinearConv), when the input is quantized, and is the
+    identity otherwise.
     Frozen, it still trains the kernel, gamma and beta, and no longer updates the moving
     statistics (PyTorch's `freeze_bn_stats`).
 
@@ -139,9 +142,9 @@ class FoldedBatchNormalization(keras.layers.Layer):
             kernel = self.quantize_kernel(kernel)
         bias = (self._vector(self.beta, 0.0) - a * ops.cast(self.moving_mean, "float32")
                 + a * self._vector(self.bias, 0.0))
-        if self.activation_bits is not None:
-            _, input_step = self._quantize_input(ops.zeros((1,)), training=False)
-            bias = self._quantize_bias(bias, kernel, input_step)
+        input_range = self.input_range()
+        if input_range is not None:
+            bias = self._quantize_bias(bias, kernel, self._input_step(*input_range))
         return [ops.convert_to_numpy(kernel).astype("float32"),
                 ops.convert_to_numpy(bias).astype("float32")]
 
