@@ -21,8 +21,11 @@ def test_quick_run_writes_every_accuracy(tmp_path, capsys):
     (row,) = result["rows"]
     for key in ("float", "ptq8", "qat8", "ptq4", "qat4"):
         assert 0.0 <= row[key] <= 1.0, key
-    # What was trained is what was deployed: the QAT graphs match Keras within one step.
-    assert row["qat8_test_steps_max"] <= 1.0 and row["qat4_test_steps_max"] <= 1.0
+    # What was trained is what was deployed: the QAT graphs match Keras within one step but for
+    # the few values export's verification allows (QAT_MAX_BEYOND_ONE_STEP).
+    for bits in (8, 4):
+        assert row[f"qat{bits}_test_beyond_one_step"] <= 0.05
+        assert row[f"qat{bits}_test_steps_max"] < 4.0
     assert row["qat_step_cost"] > 0
     summary = result["summary"]["mobilenet"]
     assert set(summary) >= {"qat8_drop_points", "qat8_never_below_ptq8", "qat4_minus_ptq4_points"}
