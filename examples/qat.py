@@ -103,7 +103,8 @@ def train_float(network, data, seed, steps):
         return model
     model = small_mobilenet(data.input_shape, data.classes, seed=seed)
     compile_for_training(model, MOBILENET["learning_rate"])
-    batches = _batches(len(data.x_train), MOBILENET["batch_size"], steps, seed)
+    batches = training.batch_indices(len(data.x_train), MOBILENET["batch_size"], steps,
+                                     reshuffle=True, seed=seed).reshape(-1)
     model.fit(data.x_train[batches], data.y_train[batches], batch_size=MOBILENET["batch_size"],
               shuffle=False, verbose=0)
     keras_bn.estimate_population_statistics(model, data.x_train, batch_size=32, verbose=0)
@@ -113,16 +114,6 @@ def train_float(network, data, seed, steps):
 def compile_for_training(model, learning_rate):
     model.compile(keras.optimizers.SGD(learning_rate, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-
-
-def _batches(count, batch_size, steps, seed):
-    """Example indices of `steps` batches, reshuffled every epoch, flattened."""
-    rng = np.random.default_rng(seed)
-    per_epoch = count // batch_size
-    epochs = -(-steps // per_epoch)
-    order = np.concatenate([rng.permutation(count)[:per_epoch * batch_size]
-                            for _ in range(epochs)])
-    return order[:steps * batch_size]
 
 
 class StepTimes(keras.callbacks.Callback):
@@ -143,7 +134,8 @@ def fine_tune(model, data, steps, seed, learning_rate=QAT_LEARNING_RATE):
     statistics estimated (Algorithm 2, as for the float network) and frozen for the rest.
     Returns the step times of the first part."""
     compile_for_training(model, learning_rate)
-    batches = _batches(len(data.x_train), 32, steps, seed + 1000)
+    batches = training.batch_indices(len(data.x_train), 32, steps, reshuffle=True,
+                                     seed=seed + 1000).reshape(-1)
     split = (2 * steps // 3) * 32
     timer = StepTimes()
     model.fit(data.x_train[batches[:split]], data.y_train[batches[:split]], batch_size=32,
@@ -170,7 +162,8 @@ def float_step_times(model, data, steps, seed, learning_rate):
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     compile_for_training(copy, learning_rate)
-    batches = _batches(len(data.x_train), 32, steps, seed + 1000)[:(2 * steps // 3) * 32]
+    batches = training.batch_indices(len(data.x_train), 32, steps, reshuffle=True,
+                                     seed=seed + 1000).reshape(-1)[:(2 * steps // 3) * 32]
     timer = StepTimes()
     copy.fit(data.x_train[batches], data.y_train[batches], batch_size=32, shuffle=False,
              verbose=0, callbacks=[timer])

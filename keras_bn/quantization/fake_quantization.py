@@ -13,7 +13,6 @@ inside the range (the straight-through estimator of Jacob et al. 2018, Sec. 3.1)
 are statistics of the data, never trained, so no gradient flows into them.
 """
 
-import numpy as np
 from keras import ops, quantizers
 
 # A channel whose weights are all zero has range [0, 0]; a tiny range keeps the quantization
@@ -78,14 +77,8 @@ def fake_quantize_activations(x, minimum, maximum, num_bits):
 
 
 def activation_range(minimum, maximum):
-    """The activation grid's range for a learned `[minimum, maximum]`: widened to hold 0, and
-    at least `_TINY_RANGE` wide (float32 scalars or tensors; Python floats give Python floats,
-    rounded as float32 tensors are)."""
-    if isinstance(minimum, float) and isinstance(maximum, float):
-        low = np.minimum(np.float32(minimum), np.float32(0.0))
-        high = np.maximum(np.float32(maximum), np.float32(0.0))
-        high = np.maximum(high, low + np.float32(_TINY_RANGE))
-        return float(low), float(high)
+    """The activation grid's range for a learned `[minimum, maximum]` (float32 tensors): widened
+    to hold 0, and at least `_TINY_RANGE` wide."""
     minimum = ops.minimum(minimum, 0.0)
     maximum = ops.maximum(maximum, 0.0)
     return minimum, ops.maximum(maximum, minimum + _TINY_RANGE)

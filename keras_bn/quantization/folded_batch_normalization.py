@@ -135,16 +135,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
         and `beta - a * moving_mean + a * bias` (on the accumulator's grid when the input is
         quantized), what inference computes with (`linear_layer().set_weights(...)` takes
         them)."""
-        gamma = self._vector(self.gamma, 1.0)
-        a = gamma / ops.sqrt(ops.cast(self.moving_variance, "float32") + self.epsilon)
-        kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
-        if self.weight_bits is not None:
-            kernel = self.quantize_kernel(kernel)
-        bias = (self._vector(self.beta, 0.0) - a * ops.cast(self.moving_mean, "float32")
-                + a * self._vector(self.bias, 0.0))
         input_range = self.input_range()
-        if input_range is not None:
-            bias = self._quantize_bias(bias, kernel, self._input_step(*input_range))
+        input_step = None if input_range is None else self._input_step(*input_range)
+        kernel, bias, _ = self._folded(ops.cast(self.moving_mean, "float32"),
+                                       ops.cast(self.moving_variance, "float32"), input_step)
         return [ops.convert_to_numpy(kernel).astype("float32"),
                 ops.convert_to_numpy(bias).astype("float32")]
 
@@ -154,11 +148,12 @@ class FoldedBatchNormalization(keras.layers.Layer):
         batch seen yet."""
         if self.activation_bits is None:
             return None
-        minimum = float(ops.convert_to_numpy(self.input_min))
-        maximum = float(ops.convert_to_numpy(self.input_max))
-        if minimum == 0.0 and maximum == 0.0:
+        minimum = ops.cast(self.input_min, "float32")
+        maximum = ops.cast(self.input_max, "float32")
+        if not ops.convert_to_numpy(ops.logical_or(minimum != 0.0, maximum != 0.0)):
             return None
-        return fake_quantization.activation_range(minimum, maximum)
+        low, high = fake_quantization.activation_range(minimum, maximum)
+        return float(ops.convert_to_numpy(low)), float(ops.convert_to_numpy(high))
 
     def build(self, input_shape):
         self.channels = self.build_kernel(input_shape)
@@ -218,17 +213,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
         # variables in place (torch's autograd refuses a saved tensor changed in place).
         moving_mean = ops.copy(ops.cast(self.moving_mean, "float32"))
         moving_variance = ops.copy(ops.cast(self.moving_variance, "float32"))
-        a = gamma / ops.sqrt(moving_variance + self.epsilon)
-        kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
-        if self.weight_bits is not None:
-            kernel = self.quantize_kernel(kernel)
+        kernel, folded_bias, a = self._folded(moving_mean, moving_variance, input_step)
         linear = self.linear(x, kernel)
         rank = len(linear.shape)
         bias = self._vector(self.bias, 0.0)
-        # The folded, deployed layer: Algorithm 2's affine map folded into the kernel.
-        folded_bias = beta - a * moving_mean + a * bias
-        if input_step is not None:
-            folded_bias = self._quantize_bias(folded_bias, kernel, input_step)
         folded = linear + self._per_channel(folded_bias, rank)
         if not training:
             return ops.cast(folded, self.compute_dtype)
@@ -250,6 +238,19 @@ class FoldedBatchNormalization(keras.layers.Layer):
         self.moving_mean.assign(moving_mean * momentum + mean * (1.0 - momentum))
         self.moving_variance.assign(moving_variance * momentum + variance * (1.0 - momentum))
         return ops.cast(outputs, self.compute_dtype)
+
+    def _folded(self, moving_mean, moving_variance, input_step):
+        """The folded, deployed layer's kernel `Q(kernel * a)` and bias `B(beta - a *
+        moving_mean + a * bias)` (Algorithm 2's affine map folded into the kernel; `B` rounds to
+        the accumulator's grid where `input_step` is not None), and `a`."""
+        a = self._vector(self.gamma, 1.0) / ops.sqrt(moving_variance + self.epsilon)
+        kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
+        if self.weight_bits is not None:
+            kernel = self.quantize_kernel(kernel)
+        bias = self._vector(self.beta, 0.0) - a * moving_mean + a * self._vector(self.bias, 0.0)
+        if input_step is not None:
+            bias = self._quantize_bias(bias, kernel, input_step)
+        return kernel, bias, a
 
     def _quantize_input(self, x, training):
         minimum = ops.copy(ops.cast(self.input_min, "float32"))

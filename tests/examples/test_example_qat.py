@@ -1,10 +1,7 @@
-"""`python -m examples.qat --quick`: float, post-training and QAT int8 accuracies of one seed, and
-the TensorFlow-only scripts as modules. TensorFlow only (tf2onnx)."""
+"""`python -m examples.qat --quick`: float, post-training and QAT int8 accuracies of one seed.
+TensorFlow only (tf2onnx)."""
 import json
 import os
-import runpy
-import sys
-import warnings
 
 import pytest
 
@@ -34,15 +31,3 @@ def test_quick_run_writes_every_accuracy(tmp_path, capsys):
     assert "| mobilenet | 0 |" in (tmp_path / "qat.md").read_text()
     assert "mobilenet seed 0: float" in capsys.readouterr().out
 
-
-@pytest.mark.parametrize("module", ["examples.qat", "benchmarks.quantize"])
-def test_tensorflow_scripts_run_as_modules(module, monkeypatch, capsys):
-    for name in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL"):
-        monkeypatch.setenv(name, os.environ[name])
-    monkeypatch.setattr(sys, "argv", [module, "--help"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module was imported before
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-    assert exit_info.value.code == 0
-    assert "usage:" in capsys.readouterr().out

@@ -21,6 +21,8 @@ SCRIPTS = [
     "benchmarks.export", "benchmarks.fold", "benchmarks.gpu", "benchmarks.layer_speed",
     "benchmarks.steps_to_accuracy", "benchmarks.training_speed",
 ]
+if keras.backend.backend() == "tensorflow":  # they export through tf2onnx
+    SCRIPTS += ["benchmarks.quantize", "examples.qat"]
 
 
 def test_a_script_runs_with_python_dash_m_from_the_repository_root():
