@@ -49,7 +49,7 @@ _PUBLIC = {
     "QuantizationReport": "export.quantization",
     "VerificationError": "export.onnx_export",
     "freeze": "export.freezing",
-    "load_model": "export.onnx_export",
+    "load_model": "export.loading",
     "quantize_int8": "export.quantization",
     "to_onnx": "export.onnx_export",
 }

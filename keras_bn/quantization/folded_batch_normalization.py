@@ -50,6 +50,9 @@ class FoldedBatchNormalization(keras.layers.Layer):
         weight_bits: bits of the kernel's integer grid (2 to 16), or `None` for a float kernel.
         activation_bits: bits of the input's integer grid (2 to 16), or `None` for a float input.
         activation_momentum: momentum of the moving input range.
+        target: the int8 deployment target whose grid the layer trains on (`"cpu"`,
+            `"cpu-vnni"`; `keras_bn.prepare_qat` sets it and export writes the file for it), or
+            `None` when not said.
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Weights, in order: `kernel`, `bias` (with `use_bias`), `gamma` (with `scale`), `beta` (with
@@ -82,6 +85,7 @@ class FoldedBatchNormalization(keras.layers.Layer):
         weight_bits=8,
         activation_bits=8,
         activation_momentum=0.99,
+        target=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -100,6 +104,7 @@ class FoldedBatchNormalization(keras.layers.Layer):
         self.weight_bits = check_bits(weight_bits, "weight_bits")
         self.activation_bits = check_bits(activation_bits, "activation_bits")
         self.activation_momentum = float(activation_momentum)
+        self.target = None if target is None else str(target)
 
     # What a subclass defines.
 
@@ -327,6 +332,7 @@ class FoldedBatchNormalization(keras.layers.Layer):
             "weight_bits": self.weight_bits,
             "activation_bits": self.activation_bits,
             "activation_momentum": self.activation_momentum,
+            "target": self.target,
         }
 
 

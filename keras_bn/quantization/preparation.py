@@ -37,13 +37,18 @@ _FUSED = {
         "units", "use_bias", "kernel_initializer", "bias_initializer",
     )),
 }
+# The widest kernel grid QAT trains for each int8 deployment target (`export.targets`): "cpu"
+# keeps weight integers within +-63, so that the 16-bit pair sums of onnxruntime's x86 kernels
+# without VNNI (at most 2 * 255 * 64) cannot saturate; "cpu-vnni" uses all 8 bits.
+TARGET_WEIGHT_BITS = {"cpu": 7, "cpu-vnni": 8}
+DEFAULT_TARGET = "cpu"
 _BN_ARGUMENTS = (
     "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
     "moving_mean_initializer", "moving_variance_initializer",
 )
 
 
-def prepare_qat(model, weight_bits=8, activation_bits=8):
+def prepare_qat(model, weight_bits="auto", activation_bits=8, target=DEFAULT_TARGET):
     """A copy of `model` for quantization-aware training with BN folded into the convolutions.
 
     Every `Conv2D`, `DepthwiseConv2D` or `Dense -> BatchNormalization` pair that
@@ -63,10 +68,16 @@ def prepare_qat(model, weight_bits=8, activation_bits=8):
     Args:
         model: a built Functional or Sequential `keras.Model` holding Keras's or keras_bn's
             BatchNormalization.
-        weight_bits: bits of the kernels' signed per-channel grid (2 to 16), or `None` for float
-            kernels.
-        activation_bits: bits of the fused layers' unsigned per-tensor input grid (2 to 16), or
+        weight_bits: bits of the kernels' signed per-channel grid (2 up to the target's
+            widest), "auto" (default) for the target's widest grid, or `None` for float kernels.
+        activation_bits: bits of the fused layers' unsigned per-tensor input grid (2 to 8), or
             `None` for float inputs.
+        target: the int8 deployment target the model will be exported for (`export.targets`):
+            `"cpu"` (default: 7-bit kernels, integers within +-63, so the file is right on every
+            x86-64 CPU with or without VNNI, ARM and OpenVINO) or `"cpu-vnni"` (8-bit kernels;
+            the file is wrong in onnxruntime on x86 CPUs without VNNI). `"tensorrt"` takes
+            symmetric int8 activations, which the QAT layers do not train: export a float
+            model with `quantize="int8", target="tensorrt"` instead.
 
     Returns:
         A new, uncompiled Functional model with the same inputs and outputs; the original is
@@ -92,12 +103,16 @@ def prepare_qat(model, weight_bits=8, activation_bits=8):
     """
     verification.check_graph_model(model, "prepare_qat()")
     verification.check_batchnorm_statistics(model, "prepare_qat()")
+    weight_bits = _check_target(target, weight_bits)
     for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
                                  or not 2 <= bits <= 16):
             raise ValueError(
                 f"`{name}` must be an integer from 2 to 16, or None for float. Received: {bits!r}"
             )
+    if activation_bits is not None and activation_bits > 8:
+        raise ValueError("`activation_bits` must be at most 8: int8 files quantize activations "
+                         f"to 8 bits. Received: {activation_bits!r}")
     functional = _keras_internals.functional_graph(model)
     plan = folding_graph._plan(functional, prefix="")
     fused, removed, report = _fusions(functional, plan, model.name)
@@ -109,7 +124,7 @@ def prepare_qat(model, weight_bits=8, activation_bits=8):
             return layer  # never called: call_function passes its input through
         if id(layer) in fused:
             conv, bn = layer, fused[id(layer)]
-            new_layer = _fused_layer(conv, bn, weight_bits, activation_bits)
+            new_layer = _fused_layer(conv, bn, weight_bits, activation_bits, target)
         else:
             new_layer = layer.__class__.from_config(layer.get_config())
         clones.append((layer, new_layer))
@@ -181,7 +196,32 @@ def _why_not_fused(layer, bn):
     return None
 
 
-def _fused_layer(conv, bn, weight_bits, activation_bits):
+def _check_target(target, weight_bits):
+    """`weight_bits` resolved for `target` ("auto": the target's widest grid); ValueError for an
+    unknown target or a grid wider than the target keeps."""
+    if target == "tensorrt":
+        raise ValueError(
+            "prepare_qat trains unsigned asymmetric activation grids; TensorRT takes symmetric "
+            "int8 activations only, so no QAT model trains for target 'tensorrt' yet. Use "
+            "target='cpu' or 'cpu-vnni', or export the float model with quantize='int8', "
+            "target='tensorrt' (post-training quantization)")
+    if target not in TARGET_WEIGHT_BITS:
+        raise ValueError(f"unknown int8 target {target!r}; prepare_qat trains for "
+                         f"{', '.join(repr(name) for name in TARGET_WEIGHT_BITS)}")
+    widest = TARGET_WEIGHT_BITS[target]
+    if weight_bits == "auto":
+        return widest
+    if isinstance(weight_bits, int) and not isinstance(weight_bits, bool) and (
+            weight_bits > widest):
+        raise ValueError(
+            f"target {target!r} keeps kernel integers within +-{2**(widest - 1) - 1} "
+            f"({widest}-bit grids) so that its file is right where it runs. Received: "
+            f"weight_bits={weight_bits}; use target='cpu-vnni' for 8-bit kernels (wrong in "
+            "onnxruntime on x86 CPUs without VNNI)")
+    return weight_bits
+
+
+def _fused_layer(conv, bn, weight_bits, activation_bits, target):
     conv_config, bn_config = conv.get_config(), bn.get_config()
     fused_class, arguments = _FUSED[type(conv)]
     return fused_class(
@@ -190,6 +230,7 @@ def _fused_layer(conv, bn, weight_bits, activation_bits):
         unbiased_variance=getattr(bn, "unbiased_variance", False),
         weight_bits=weight_bits,
         activation_bits=activation_bits,
+        target=target,
         trainable=conv.trainable,
         dtype=conv.dtype_policy,
         name=conv.name,

@@ -1,0 +1,182 @@
+"""Runtimes an ONNX file is run in, and the check that they compute what the file means.
+
+An int8 QDQ file means what onnxruntime computes with graph optimizations off
+(`ORT_DISABLE_ALL`): each QuantizeLinear and DequantizeLinear literally, the operations between
+them in float32. Runtimes fuse the pairs into integer kernels (onnxruntime's QLinearConv,
+OpenVINO's low-precision transformations); `check` runs each runtime at hand on the same inputs
+and compares its outputs with the meaning, in quantization steps of each output: integer and
+float arithmetic round a value at a boundary differently, and in a deep network such a
+difference can grow, so a fraction `MAX_BEYOND_ONE_STEP` of an output's values may lie beyond
+one step. A runtime whose kernels are wrong (16-bit pair sums that saturate) puts most values
+many steps away.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import tempfile
+
+import numpy as np
+
+from keras_bn import verification
+from keras_bn.verification import VerificationError
+
+RUNTIMES = ("onnxruntime", "openvino")
+# The fraction of an output's values allowed beyond one quantization step of the file's meaning
+# (measured: 0 to 0.27% on trained QAT BN-Inceptions on test digits, 2% on uniform noise;
+# 77-81% for 8-bit weights in onnxruntime on a CPU without VNNI).
+MAX_BEYOND_ONE_STEP = 0.05
+
+
+def session(data, optimized=True):
+    """An onnxruntime CPU session of `data` (serialized ONNX); `optimized=False` turns every
+    graph optimization off, which computes the file's exact meaning."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    # Spinning threads would keep cores busy between runs, which a shared machine cannot afford.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimized:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def openvino_installed():
+    """Whether the `openvino` package can be imported (found without importing it)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class OpenVINOSession:
+    """OpenVINO's CPU plugin on an ONNX file, with onnxruntime's `run(names, feed)`."""
+
+    def __init__(self, data):
+        import openvino
+
+        core = openvino.Core()
+        with tempfile.TemporaryDirectory(prefix="keras-bn-openvino-") as folder:
+            path = os.path.join(folder, "model.onnx")
+            with open(path, "wb") as file:
+                file.write(data)
+            model = core.read_model(path)
+        self._outputs = {output.get_any_name(): i for i, output in enumerate(model.outputs)}
+        # On CPUs with AMX or AVX-512 BF16, OpenVINO computes float layers in bfloat16 unless
+        # told otherwise; the file means float32 there.
+        self._compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self._request = self._compiled.create_infer_request()
+
+    def run(self, names, feed):
+        results = self._request.infer(feed)
+        values = list(results.values())
+        return [np.asarray(values[self._outputs[name]]) for name in names]
+
+
+@dataclasses.dataclass
+class RuntimeCheck:
+    """How one runtime compares with an int8 file's meaning.
+
+    Attributes:
+        runtime: "onnxruntime" or "openvino".
+        checked: whether it ran here; `note` says why not.
+        note: what ran (the CPU kind) or why it did not.
+        max_steps: the largest |runtime - meaning| in quantization steps of each output (its
+            range over the inputs / 255), `None` when not checked.
+        beyond_one_step: the largest fraction of an output's values more than one step away.
+    """
+
+    runtime: str
+    checked: bool
+    note: str
+    max_steps: float = None
+    beyond_one_step: float = None
+
+    def summary(self):
+        if not self.checked:
+            return f"{self.runtime}: not checked ({self.note})"
+        if self.max_steps is None:
+            return f"{self.runtime}: {self.note}"
+        return (f"{self.runtime} ({self.note}): within {self.max_steps:.2f} steps, "
+                f"{self.beyond_one_step:.2%} of values beyond one")
+
+
+def check(data, feeds, output_names, target, *, cpu_has_vnni, openvino="auto", reference=None):
+    """Runs the int8 file `data` in every runtime at hand that its `target` is meant for, on
+    `feeds` (feed dicts), against its exact meaning.
+
+    Args:
+        data: the serialized int8 ONNX graph.
+        feeds: a list of `{input name: array}`.
+        output_names: the graph's outputs.
+        target: an `export.targets.Target`.
+        cpu_has_vnni: whether this CPU has VNNI (`None`: not x86 or unknown, taken as safe).
+        openvino: "auto" runs OpenVINO when it is installed, `True` requires it, `False` skips.
+        reference: the meaning's outputs per feed, when already computed.
+
+    Returns:
+        A list of `RuntimeCheck`, one per runtime.
+
+    Raises:
+        VerificationError: a runtime lies more than `MAX_BEYOND_ONE_STEP` of some output's
+            values beyond one step from the meaning (the runtime and output named).
+        ValueError: `openvino=True` and OpenVINO is not installed.
+    """
+    if openvino is True and not openvino_installed():
+        raise ValueError('OpenVINO was asked for but is not installed: pip install openvino (or '
+                         'pip install "keras-bn[openvino]")')
+    if reference is None:
+        exact = session(data, optimized=False)
+        reference = [exact.run(output_names, feed) for feed in feeds]
+    cpu = {True: "a CPU with VNNI", False: "a CPU without VNNI", None: "this CPU"}[cpu_has_vnni]
+    checks = []
+    if target.needs_vnni and cpu_has_vnni is False:
+        checks.append(RuntimeCheck(
+            "onnxruntime", False, f"this CPU lacks VNNI, where target '{target.name}' files are "
+            "wrong in onnxruntime; its meaning is verified"))
+    else:
+        checks.append(_compare("onnxruntime", session(data), feeds, reference, output_names,
+                               f"optimized, on {cpu}"))
+    if openvino is False or (openvino == "auto" and not openvino_installed()):
+        checks.append(RuntimeCheck("openvino", False, "not installed" if openvino else "skipped"))
+    else:
+        checks.append(_compare("openvino", OpenVINOSession(data), feeds, reference, output_names,
+                               f"CPU plugin, on {cpu}"))
+    return checks
+
+
+def _compare(runtime, runner, feeds, reference, output_names, note):
+    pooled = {name: ([], []) for name in output_names}
+    for feed, expected in zip(feeds, reference):
+        for name, want, got in zip(output_names, expected, runner.run(output_names, feed)):
+            if np.shape(got) != np.shape(want):
+                raise VerificationError(
+                    f"{runtime} gives output '{name}' the shape {np.shape(got)}, the file's "
+                    f"meaning {np.shape(want)}; nothing was written")
+            pooled[name][0].append(np.ravel(want))
+            pooled[name][1].append(np.ravel(got))
+    max_steps, beyond_one = steps_apart(pooled, f"{runtime} ({note})", "the file's meaning")
+    return RuntimeCheck(runtime, True, note, max_steps, beyond_one)
+
+
+def steps_apart(pooled, who, against):
+    """The largest distance in quantization steps and the largest fraction of values beyond one
+    step over outputs `{name: (reference values, values)}` (lists of arrays), each output's step
+    its reference's range / 255; VerificationError past `MAX_BEYOND_ONE_STEP`."""
+    worst_steps, worst_beyond = 0.0, 0.0
+    for name, (wants, gots) in pooled.items():
+        want = np.concatenate(wants).astype(np.float64)
+        got = np.concatenate(gots).astype(np.float64)
+        steps = np.abs(got - want) / verification.quantization_step(want)
+        steps[np.isnan(want) & np.isnan(got)] = 0.0
+        beyond = float(np.mean(~(steps <= 1.0)))
+        if beyond > MAX_BEYOND_ONE_STEP:
+            raise VerificationError(
+                f"{who}: {beyond:.1%} of output '{name}' lies more than one quantization step "
+                f"(the output's range / 255) from {against}, up to {np.nanmax(steps):.3g} steps, "
+                f"above the {MAX_BEYOND_ONE_STEP:.0%} allowed; nothing was written"
+            )
+        worst_steps = max(worst_steps, float(np.nanmax(steps, initial=0.0)))
+        worst_beyond = max(worst_beyond, beyond)
+    return worst_steps, worst_beyond
