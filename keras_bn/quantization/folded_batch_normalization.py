@@ -3,6 +3,9 @@
 import keras
 from keras import initializers, ops
 
+# The shifted moments of keras_bn.BatchNormalization: keras.ops.moments is E[z^2] - E[z]^2 on
+# torch, which cancels when |mean| is large against the standard deviation.
+from keras_bn.batch_normalization import _shifted_moments
 from keras_bn.quantization import fake_quantization
 
 
@@ -33,6 +36,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
     identity otherwise.
     Frozen, it still trains the kernel, gamma and beta, and no longer updates the moving
     statistics (PyTorch's `freeze_bn_stats`).
+
+    A channel with `gamma = 0` has `a = 0`: its deployed kernel is 0 and its output `beta`. In
+    training its kernel is scaled by `1 / sqrt(moving_variance + epsilon)` in place of `a` (its
+    output is `beta` all the same), so nothing divides by 0 and `gamma` keeps its gradient.
 
     With `activation_bits`, the input `x` is fake-quantized first to the unsigned per-tensor grid
     (`fake_quantization.fake_quantize_activations`), over the range `[input_min, input_max]`:
@@ -142,8 +149,10 @@ class FoldedBatchNormalization(keras.layers.Layer):
         them)."""
         input_range = self.input_range()
         input_step = None if input_range is None else self._input_step(*input_range)
-        kernel, bias, _ = self._folded(ops.cast(self.moving_mean, "float32"),
-                                       ops.cast(self.moving_variance, "float32"), input_step)
+        kernel, bias, _, deployed = self._folded(ops.cast(self.moving_mean, "float32"),
+                                                 ops.cast(self.moving_variance, "float32"),
+                                                 input_step)
+        kernel = self.scale_kernel(kernel, deployed)
         return [ops.convert_to_numpy(kernel).astype("float32"),
                 ops.convert_to_numpy(bias).astype("float32")]
 
@@ -218,17 +227,20 @@ class FoldedBatchNormalization(keras.layers.Layer):
         # variables in place (torch's autograd refuses a saved tensor changed in place).
         moving_mean = ops.copy(ops.cast(self.moving_mean, "float32"))
         moving_variance = ops.copy(ops.cast(self.moving_variance, "float32"))
-        kernel, folded_bias, a = self._folded(moving_mean, moving_variance, input_step)
+        kernel, folded_bias, kernel_scale, deployed = self._folded(
+            moving_mean, moving_variance, input_step
+        )
         linear = self.linear(x, kernel)
         rank = len(linear.shape)
         bias = self._vector(self.bias, 0.0)
-        folded = linear + self._per_channel(folded_bias, rank)
+        folded = linear * self._per_channel(deployed, rank) + self._per_channel(folded_bias, rank)
         if not training:
             return ops.cast(folded, self.compute_dtype)
 
-        z = linear / self._per_channel(a, rank) + self._per_channel(bias, rank)
+        z = linear / self._per_channel(kernel_scale, rank) + self._per_channel(bias, rank)
         axes = [i for i in range(rank) if i != self.output_channel_axis(rank)]
-        mean, variance = ops.moments(z, axes)
+        mean, variance = _shifted_moments(z, axes)
+        mean, variance = ops.reshape(mean, (-1,)), ops.reshape(variance, (-1,))
         normalized = (z - self._per_channel(mean, rank)) * self._per_channel(
             gamma * ops.rsqrt(variance + self.epsilon), rank
         ) + self._per_channel(beta, rank)
@@ -245,17 +257,31 @@ class FoldedBatchNormalization(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _folded(self, moving_mean, moving_variance, input_step):
-        """The folded, deployed layer's kernel `Q(kernel * a)` and bias `B(beta - a *
-        moving_mean + a * bias)` (Algorithm 2's affine map folded into the kernel; `B` rounds to
-        the accumulator's grid where `input_step` is not None), and `a`."""
-        a = self._vector(self.gamma, 1.0) / ops.sqrt(moving_variance + self.epsilon)
-        kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), a)
+        """The quantized kernel `Q(kernel * s)`, the folded bias `B(beta - a * moving_mean +
+        a * bias)` (Algorithm 2's affine map folded into the kernel; `B` rounds to the
+        accumulator's grid where `input_step` is not None), the kernel's scale `s` and the factor
+        `d` that makes `Q(kernel * s) * d` the deployed kernel `Q(kernel * a)`, per output
+        channel.
+
+        `s = a` and `d = 1` where `a = gamma / sqrt(moving_variance + epsilon)` is not 0. Where
+        it is 0 (`gamma = 0`), the deployed kernel is 0 and the output `beta`, but dividing by
+        `a` in training would give 0 / 0: that channel's kernel is scaled by `s = 1 /
+        sqrt(moving_variance + epsilon)` (as if `gamma` were 1), so its `z` and batch
+        statistics are still those of the float layer up to rounding, and `d = gamma` (0, with
+        the gradient `gamma` has in `Q(kernel * gamma * s) ~ gamma * Q(kernel * s)`). PyTorch's
+        `_ConvBnNd` gives NaN there unless its `_forward_slow` is switched on."""
+        gamma = self._vector(self.gamma, 1.0)
+        a = gamma / ops.sqrt(moving_variance + self.epsilon)
+        a_is_zero = ops.equal(a, 0.0)
+        kernel_scale = ops.where(a_is_zero, ops.rsqrt(moving_variance + self.epsilon), a)
+        deployed = ops.where(a_is_zero, gamma, 1.0)
+        kernel = self.scale_kernel(ops.cast(self.kernel, "float32"), kernel_scale)
         if self.weight_bits is not None:
             kernel = self.quantize_kernel(kernel)
         bias = self._vector(self.beta, 0.0) - a * moving_mean + a * self._vector(self.bias, 0.0)
         if input_step is not None:
-            bias = self._quantize_bias(bias, kernel, input_step)
-        return kernel, bias, a
+            bias = self._quantize_bias(bias, self.scale_kernel(kernel, deployed), input_step)
+        return kernel, bias, kernel_scale, deployed
 
     def _quantize_input(self, x, training):
         minimum = ops.copy(ops.cast(self.input_min, "float32"))
