@@ -2,6 +2,8 @@
 
     keras-bn-export MODEL.keras -o MODEL.onnx [--opset 17] [--channels-first] [--float16-weights]
     keras-bn-export MODEL.keras -o MODEL.int8.onnx --int8 --calibration DATA [--validation DATA]
+    keras-bn-export MODEL.keras -o MODEL.int8.onnx --int8 --target tensorrt --calibration DATA
+    keras-bn-export --check MODEL.int8.onnx
     keras-bn-export --version
 
 DATA is a `.npy` file (one array of inputs) or a `.npz` file (arrays named after the model's
@@ -36,6 +38,10 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 13, 18, 17
 # same test.
 DEFAULT_DYNAMIC_SIZES = (32, 64)
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+# export.targets.TARGETS and its default, kept equal by tests/export/test_export_cli.py.
+TARGETS = ("cpu", "cpu-vnni", "tensorrt")
+DEFAULT_TARGET = "cpu"
+OPENVINO_CHOICES = {"auto": "auto", "require": True, "skip": False}
 DEFAULT_CALIBRATION_BATCHES = 16
 DEFAULT_MIN_AGREEMENT = 0.99
 # Names of the labels array in a .npz data file; every other array holds inputs.
@@ -145,7 +151,12 @@ def build_parser():
         "constants for the rest), convert it to ONNX with tf2onnx, and verify it with "
         "onnxruntime against Keras before writing the file.",
     )
-    parser.add_argument("model", help="the .keras file (saved under any Keras backend)")
+    parser.add_argument("model", nargs="?",
+                        help="the .keras file (saved under any Keras backend)")
+    parser.add_argument("--check", metavar="FILE.onnx",
+                        help="check an int8 ONNX file instead of exporting: its target (from its "
+                        "metadata) and rules, and onnxruntime and OpenVINO on this CPU against "
+                        "its exact meaning, on random inputs")
     parser.add_argument("-o", "--output", help="the .onnx file to write "
                         "(default: MODEL with .onnx in place of .keras)")
     parser.add_argument("--version", action=_Version, help="print the version and exit")
@@ -194,6 +205,14 @@ def build_parser():
     int8.add_argument("--min-agreement", type=_fraction, metavar="F",
                       help="the guard: the fraction of examples whose top-1 class must match the "
                       f"float graph's (default {DEFAULT_MIN_AGREEMENT}; 0 turns it off)")
+    int8.add_argument("--target", choices=TARGETS,
+                      help="where the int8 file will run: cpu (default; every x86-64 CPU with or "
+                      "without VNNI, ARM, OpenVINO), cpu-vnni (full 8-bit weights; wrong in "
+                      "onnxruntime on x86 CPUs without VNNI), tensorrt (symmetric int8). A QAT "
+                      "model exports for the target it trained on")
+    parser.add_argument("--openvino", choices=tuple(OPENVINO_CHOICES), default="auto",
+                        help="also run the file in OpenVINO: when installed (auto, default), "
+                        "always (require), never (skip)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each step, and show a traceback on internal errors")
     return parser
@@ -254,7 +273,8 @@ def _check_int8_options(parser, args):
         ("--min-agreement", args.min_agreement)) if value is not None]
     if not args.int8:
         if int8_only:
-            parser.error(f"{', '.join(int8_only)} only go with --int8")
+            verb = "goes" if len(int8_only) == 1 else "go"
+            parser.error(f"{', '.join(int8_only)} only {verb} with --int8")
         return
     if args.calibration is None:
         parser.error("--int8 needs --calibration DATA, the inputs the int8 ranges are "
@@ -357,6 +377,10 @@ def main(argv=None):
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.check is not None:
+        return _check_file(parser, args)
+    if args.model is None:
+        parser.error("the following arguments are required: model (or --check FILE.onnx)")
     _check_int8_options(parser, args)
     output = args.output
     if output is None:
@@ -407,10 +431,12 @@ def main(argv=None):
                 output_names=args.output_names, channels_first=args.channels_first,
                 float16_weights=args.float16_weights, fold=not args.no_fold,
                 verify=not args.no_verify, batch_sizes=args.batch_sizes,
-                dynamic_sizes=args.dynamic_sizes, tolerance=args.tolerance, **data,
+                dynamic_sizes=args.dynamic_sizes, tolerance=args.tolerance, target=args.target,
+                openvino=OPENVINO_CHOICES[args.openvino], **data,
             )
     except VerificationError as error:
-        return _fail(f"verification failed: {error}", EXIT_VERIFICATION_FAILED)
+        return _fail(f"verification failed: {_in_option_words(str(error))}",
+                     EXIT_VERIFICATION_FAILED)
     except FileNotFoundError as error:
         return _fail(error)
     except (ValueError, TypeError, OSError, RuntimeError) as error:
@@ -424,6 +450,32 @@ def main(argv=None):
                      f"(rerun with --verbose for the traceback; no file was written)", 1)
     print(result.summary())
     return 0
+
+
+def _check_file(parser, args):
+    """`--check FILE.onnx`: the file's target, its rules and its runtimes; exit 1 when it
+    breaks them."""
+    if args.model is not None:
+        parser.error("--check takes an ONNX file instead of a model; give one or the other")
+    if not os.path.isfile(args.check) or not args.check.endswith(".onnx"):
+        return _fail(f"--check {args.check}: no such .onnx file")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    with _native_stderr_silenced(not args.verbose):
+        from export.file_check import check_file
+    try:
+        report = check_file(args.check, openvino=OPENVINO_CHOICES[args.openvino])
+    except ValueError as error:
+        return _fail(error)
+    print(report.summary())
+    return 0 if report.passed else EXIT_VERIFICATION_FAILED
+
+
+def _in_option_words(message):
+    """The guard's advice in the command line's words."""
+    return message.replace("method='entropy' or 'percentile', or lower min_agreement",
+                           "--calibration-method entropy or percentile, or lower "
+                           "--min-agreement")
 
 
 def _with_option_names(message, args):

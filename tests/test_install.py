@@ -123,6 +123,7 @@ def test_install_requires_only_keras_and_numpy():
     assert required == {"keras", "numpy"}
     assert extras["export"] == {"tensorflow", "tf2onnx", "onnx", "onnxruntime"}
     assert extras["export"] <= extras["dev"]
+    assert extras["openvino"] == {"openvino"} and extras["openvino"] <= extras["dev"]
     assert {"pytest", "ruff", "mkdocs", "jax"} <= extras["dev"]
     assert "torch" in extras
 

@@ -15,7 +15,7 @@ import pytest
 
 import keras_bn
 from export import __main__ as cli
-from export import onnx_export, quantization
+from export import keras_comparison, onnx_export, quantization, targets
 from export.__main__ import main
 
 BIN = os.path.dirname(sys.executable)
@@ -83,7 +83,7 @@ def test_unwritable_output(saved_model, tmp_path, capsys):
 
 
 def test_verification_failure(saved_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(onnx_export, "_verify", _failing_verify)
+    monkeypatch.setattr(keras_comparison, "verify_float", _failing_verify)
     status = main([str(saved_model), "-o", str(tmp_path / "out.onnx")])
     _assert_one_line_failure(capsys, status, 1, "verification failed")
     assert not (tmp_path / "out.onnx").exists()
@@ -141,6 +141,7 @@ def test_opsets_and_defaults_match_the_exporter():
     assert cli.CALIBRATION_METHODS == tuple(sorted(quantization.CALIBRATION_METHODS))
     assert cli.DEFAULT_CALIBRATION_BATCHES == quantization.DEFAULT_MAX_BATCHES
     assert cli.DEFAULT_MIN_AGREEMENT == quantization.DEFAULT_MIN_AGREEMENT
+    assert cli.TARGETS == tuple(targets.TARGETS) and cli.DEFAULT_TARGET == targets.DEFAULT_TARGET
 
 
 # Every mistake the command line can see in its arguments and paths: (arguments, fragment of the
@@ -153,6 +154,10 @@ MISTAKES = [
     (["MODEL", "-o", "model.keras"], "the output path is the model file itself"),
     (["MODEL", "-o", "folder.keras"], "it is a directory"),
     (["MODEL", "--opset", "12"], "argument --opset: expected an integer from 13 to 18, got '12'"),
+    (["MODEL", "--int8", "--calibration", "x.npy", "--target", "arm"],
+     "argument --target: invalid choice: 'arm'"),
+    (["--check", "absent.onnx"], "--check absent.onnx: no such .onnx file"),
+    (["MODEL", "--check", "absent.onnx"], "--check takes an ONNX file instead of a model"),
     (["MODEL", "--opset", "seventeen"], "argument --opset"),
     (["MODEL", "--batch-sizes", "3,3"], "argument --batch-sizes: expected at least two different"),
     (["MODEL", "--batch-sizes", "0,1"], "argument --batch-sizes"),
@@ -163,7 +168,7 @@ MISTAKES = [
     (["MODEL", "--dynamic-sizes", "32"], "argument --dynamic-sizes: expected at least two"),
     # int8: options that do not go together, and data files refused before the model is read.
     (["MODEL", "--int8"], "--int8 needs --calibration DATA"),
-    (["MODEL", "--calibration", "x.npy"], "--calibration only go with --int8"),
+    (["MODEL", "--calibration", "x.npy"], "--calibration only goes with --int8"),
     (["MODEL", "--min-agreement", "0.5"], "--min-agreement only go with --int8"),
     (["MODEL", "--int8", "--calibration", "x.npy", "--float16-weights"],
      "--float16-weights does not go with --int8"),

@@ -85,9 +85,11 @@ def test_int8_export_writes_a_verified_qdq_graph(digits, tmp_path, normalization
     assert abs(output.int8_accuracy - output.float_accuracy) <= 0.02
 
     summary = result.summary()
-    assert summary.startswith(f"wrote {path} (int8, ")
+    assert summary.startswith(f"wrote {path} (int8 for target 'cpu', ")
     assert "max error vs Keras (the float graph before quantization)" in summary
-    assert "int8 QDQ: minmax calibration on 8 batches (256 examples)" in summary
+    assert "int8 QDQ for target 'cpu': right on every x86-64 CPU" in summary
+    assert "minmax calibration on 8 batches (256 examples)" in summary
+    assert "runtimes vs the file's meaning: onnxruntime (optimized" in summary
     assert "top-1 agreement" in summary and "accuracy float" in summary
     assert export.to_onnx(digits["model"], tmp_path / "float.onnx").quantization is None
 
@@ -156,7 +158,7 @@ def test_bad_data_is_refused_before_freezing(digits, tmp_path, monkeypatch, case
     ({"quantize": "int8", "calibration_data": 1, "float16_weights": True},
      "float16_weights=True"),
     ({"quantize": "int8", "calibration_data": 1, "calibration_method": "kl"},
-     r"calibration_method must be one of \['entropy', 'minmax', 'percentile'\]"),
+     r"calibration method must be one of \['entropy', 'minmax', 'percentile'\]"),
     ({"quantize": "int8", "calibration_data": 1, "calibration_batches": 0},
      "calibration_batches must be a positive integer or None"),
     ({"quantize": "int8", "calibration_data": 1, "min_agreement": 1.5},
@@ -250,8 +252,8 @@ def test_cli_int8_with_npy_calibration_and_npz_validation(digits, files, capsys)
                    "--calibration-method", "percentile", "--calibration-batches", "4"])
     out = capsys.readouterr().out
     assert status == 0 and output.exists()
-    assert f"wrote {output} (int8, " in out
-    assert "int8 QDQ: percentile calibration on 4 batches (128 examples)" in out
+    assert f"wrote {output} (int8 for target 'cpu', " in out
+    assert "percentile calibration on 4 batches (128 examples)" in out
     assert "on 597 examples of validation data" in out
     assert "top-1 agreement" in out and "accuracy float" in out and ", int8 " in out
     assert "QuantizeLinear" in out

@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 import export
-from export import onnx_export
+from export import conversion, onnx_export, runtimes
 from keras_bn import verification
 
 
@@ -205,7 +205,7 @@ def _corrupt_first_weight(convert):
 def test_verification_failure_writes_nothing(model, tmp_path, monkeypatch):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"previous export")
-    monkeypatch.setattr(onnx_export, "_convert", _corrupt_first_weight(onnx_export._convert))
+    monkeypatch.setattr(conversion, "convert", _corrupt_first_weight(conversion.convert))
     with pytest.raises(export.VerificationError, match="differs from Keras"):
         export.to_onnx(model, path)
     assert path.read_bytes() == b"previous export"
@@ -226,7 +226,7 @@ def _poison_first_weight(convert):
 
 
 def test_non_finite_onnx_output_fails_verification(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "_convert", _poison_first_weight(onnx_export._convert))
+    monkeypatch.setattr(conversion, "convert", _poison_first_weight(conversion.convert))
     with pytest.raises(export.VerificationError, match="holds NaN or inf where Keras's output is "
                                                        "finite"):
         export.to_onnx(model, tmp_path / "model.onnx", tolerance=1e9)
@@ -370,17 +370,17 @@ def test_unknown_sequence_length(tmp_path):
 def test_a_wrong_dynamic_size_fails_verification(tmp_path, randomize, monkeypatch):
     """A graph right at one size and wrong at another is caught by the second size."""
     model = _fully_convolutional(randomize)
-    right = onnx_export._session
+    right = runtimes.session
 
     class WrongAtSize64:
-        def __init__(self, data):
-            self.session = right(data)
+        def __init__(self, data, optimized=True):
+            self.session = right(data, optimized)
 
         def run(self, names, feed):
             outputs = self.session.run(names, feed)
             return [o * 2 if feed["image"].shape[1] == 64 else o for o in outputs]
 
-    monkeypatch.setattr(onnx_export, "_session", WrongAtSize64)
+    monkeypatch.setattr(runtimes, "session", WrongAtSize64)
     with pytest.raises(export.VerificationError, match=r"differs from Keras .* \(batch size 3, "
                                                        r"unknown dimensions 64\)"):
         export.to_onnx(model, tmp_path / "x.onnx")

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import export
 import keras_bn
-from export import qdq_passes
+from export import qdq_passes, quantization, targets
 from export.__main__ import main
 from export.freezing import freeze
 from keras_bn.quantization.deployment import FakeQuantization
@@ -47,9 +47,9 @@ def images(count=64, seed=0):
     return np.random.default_rng(seed).standard_normal((count, 12, 12, 3)).astype("float32")
 
 
-def trained_qat_model(weight_bits=8, seed=0):
+def trained_qat_model(weight_bits="auto", seed=0, target="cpu"):
     keras.utils.set_random_seed(seed)
-    model = keras_bn.prepare_qat(branchy_model(), weight_bits=weight_bits)
+    model = keras_bn.prepare_qat(branchy_model(), weight_bits=weight_bits, target=target)
     model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     x = images(seed=seed)
     y = np.random.default_rng(seed).integers(0, 5, len(x))
@@ -110,7 +110,10 @@ def test_qat_model_exports_an_int8_graph_within_one_step(qat_model, tmp_path):
     int8 = [numpy_helper.to_array(i) for i in proto.graph.initializer
             if i.data_type == TensorProto.INT8 and i.name.endswith("_quantized")]
     assert len(int8) == 4  # the four folded kernels
-    assert all(np.abs(w).max() == 127 for w in int8)
+    # target "cpu": 7-bit grids, integers within +-63, which no x86 CPU's pair sums saturate
+    assert all(np.abs(w).max() == 63 for w in int8)
+    assert targets.check(proto, "cpu") == []
+    assert targets.read_metadata(proto)["target"] == "cpu" == result.target
     assert len([i for i in proto.graph.initializer if i.data_type == TensorProto.INT32
                 and i.name.endswith("_quantized")]) == 3  # the convolutions' biases
     # On data like the training data, the graph computes what was trained.
@@ -275,3 +278,39 @@ def test_a_graph_that_computes_something_else_is_refused(qat_model, tmp_path, mo
     with pytest.raises(keras_bn.VerificationError, match="more than one quantization step"):
         export.to_onnx(qat_model, tmp_path / "wrong.onnx", batch_sizes=(8, 16))
     assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_qat_trains_and_exports_for_its_target(qat_model, tmp_path):
+    vnni_model = trained_qat_model(target="cpu-vnni", seed=4)
+    path = tmp_path / "vnni.onnx"
+    result = export.to_onnx(vnni_model, path)
+    proto = onnx.load(path)
+    int8 = [numpy_helper.to_array(i) for i in proto.graph.initializer
+            if i.data_type == TensorProto.INT8 and i.name.endswith("_quantized")]
+    assert all(np.abs(w).max() == 127 for w in int8)
+    assert result.target == "cpu-vnni" and targets.check(proto, "cpu-vnni") == []
+    # the static rule says, on any CPU, that this file saturates without VNNI
+    assert any("16-bit sums" in problem for problem in targets.check(proto, "cpu"))
+    ort = result.runtimes[0]
+    assert ort.runtime == "onnxruntime"
+    assert ort.checked == (quantization.cpu_has_vnni() is not False), ort
+    # a model exports for the grid it trained on, and for no other
+    with pytest.raises(ValueError, match="trained on the grid of target 'cpu', not of "
+                                         "'cpu-vnni'"):
+        export.to_onnx(qat_model, tmp_path / "x.onnx", target="cpu-vnni")
+    with pytest.raises(ValueError, match="unknown int8 target 'gpu'"):
+        export.to_onnx(qat_model, tmp_path / "x.onnx", target="gpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vnni.onnx"]
+
+
+def test_prepare_qat_refuses_grids_its_target_cannot_run():
+    model = branchy_model()
+    with pytest.raises(ValueError, match="target 'cpu' keeps kernel integers within \\+-63"):
+        keras_bn.prepare_qat(model, weight_bits=8)
+    with pytest.raises(ValueError, match="TensorRT takes symmetric int8 activations only"):
+        keras_bn.prepare_qat(model, target="tensorrt")
+    with pytest.raises(ValueError, match="unknown int8 target 'arm'"):
+        keras_bn.prepare_qat(model, target="arm")
+    layer = keras_bn.prepare_qat(model, weight_bits=4).get_layer("stem")
+    assert (layer.weight_bits, layer.target) == (4, "cpu")
+    assert layer.get_config()["target"] == "cpu"

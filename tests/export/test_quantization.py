@@ -1,7 +1,6 @@
 """export.quantization: int8 QDQ graphs from onnxruntime.quantization, calibrated on every data form
 Keras users have, verified against the float graph, and every refusal of bad data."""
 
-import platform
 import tempfile
 
 import keras
@@ -14,7 +13,7 @@ from onnx import numpy_helper
 
 import export
 import keras_bn
-from export import onnx_export
+from export import onnx_export, targets
 from export.quantization import QuantizationReport, cpu_has_vnni, quantize_int8
 
 CLASSES = 4
@@ -60,8 +59,11 @@ def trained(tmp_path_factory):
 
 
 def _run(proto, feed):
+    """The graph's exact meaning: onnxruntime with graph optimizations off (what the report's
+    figures are, on every CPU)."""
     options = onnxruntime.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])
     return session.run(None, feed)[0]
@@ -114,8 +116,8 @@ def test_int8_graph_is_qdq_runs_and_agrees_with_float(trained, tmp_path, monkeyp
         "minmax", 8, 256)
     assert (report.validation_batches, report.validation_examples) == (8, 256)
     assert report.validated_on == "validation_data"
-    assert (report.activation_type, report.symmetric_activations, report.per_channel) == (
-        "uint8", False, True)
+    assert (report.target, report.activation_type, report.symmetric_activations,
+            report.weight_bound) == ("cpu", "uint8", False, 64)
     summary = report.summary()
     assert "minmax calibration on 8 batches (256 examples)" in summary
     assert "output 'logits'" in summary and "top-1 agreement" in summary
@@ -221,23 +223,49 @@ def test_progress_bar_when_verbose(trained, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_weight_bits_follow_reduce_range(trained):
-    def largest_weight(model):
-        initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        return max(int(np.abs(initializers[node.input[0]].astype(int)).max())
-                   for node in model.graph.node if node.op_type == "DequantizeLinear"
-                   and initializers.get(node.input[0], np.zeros(0, np.uint8)).dtype == np.int8)
+def _largest_weight(model):
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return max(int(np.abs(initializers[node.input[0]].astype(int)).max())
+               for node in model.graph.node if node.op_type == "DequantizeLinear"
+               and initializers.get(node.input[0], np.zeros(0, np.uint8)).dtype == np.int8)
 
+
+def test_each_target_writes_its_scheme_whatever_the_cpu(trained):
+    """The target decides the integer scheme, never the CPU that quantizes: the same call gives
+    the same weights on a CPU with VNNI and without."""
     data = trained["x_train"][:64]
-    full, report = _quantize(trained, data, reduce_range=False, min_agreement=0)
-    assert largest_weight(full) == 127 and not report.reduce_range
-    reduced, report = _quantize(trained, data, reduce_range=True)
-    assert largest_weight(reduced) <= 64 and report.reduce_range
-    _, automatic = _quantize(trained, data)
-    vnni = cpu_has_vnni()
-    assert automatic.cpu_has_vnni == vnni and vnni in (True, False, None)
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    assert automatic.reduce_range == (is_x86 and vnni is not True)
+    cpu, report = _quantize(trained, data)
+    assert _largest_weight(cpu) <= 64 and report.target == "cpu" and report.weight_bound == 64
+    assert targets.check(cpu, "cpu") == []
+    vnni, report = _quantize(trained, data, target="cpu-vnni", min_agreement=0)
+    assert _largest_weight(vnni) == 127 and report.weight_bound == 127
+    # 8-bit weights with uint8 activations: pair sums of 2 * 255 * 127 leave 16 bits
+    problems = targets.check(vnni, "cpu")
+    assert problems and "beyond the 16-bit sums" in " ".join(problems)
+    trt, report = _quantize(trained, data, target="tensorrt", min_agreement=0)
+    assert (report.activation_type, report.symmetric_activations) == ("int8", True)
+    assert targets.check(trt, "tensorrt") == []
+    zero_points = [numpy_helper.to_array(t) for t in trt.graph.initializer
+                   if t.name.endswith("zero_point")]
+    activations = [z for z in zero_points if z.dtype != np.int32]  # int32: conv biases
+    assert activations and all(z.dtype == np.int8 and not z.any() for z in activations)
+    # every file says what it is; the CPU that made it is no part of it
+    for proto, name in ((cpu, "cpu"), (vnni, "cpu-vnni"), (trt, "tensorrt")):
+        metadata = targets.read_metadata(proto)
+        assert metadata["target"] == name and metadata["version"]
+        assert metadata["weight_bound"] == str(targets.TARGETS[name].weight_bound)
+    assert cpu_has_vnni() in (True, False, None)
+    with pytest.raises(ValueError, match="unknown int8 target 'arm'; the targets are 'cpu', "
+                                         "'cpu-vnni', 'tensorrt'"):
+        _quantize(trained, data, target="arm")
+
+
+def test_runtimes_are_checked_against_the_meaning(trained):
+    _, report = _quantize(trained, trained["x_train"][:64])
+    (ort, openvino) = report.runtimes
+    assert ort.runtime == "onnxruntime" and ort.checked and ort.beyond_one_step <= 0.05
+    assert openvino.runtime == "openvino" and openvino.checked  # installed with dev
+    assert "runtimes vs the file's meaning: onnxruntime" in report.summary()
 
 
 def test_channels_first_inputs_take_channels_last_data(trained, tmp_path):
@@ -311,12 +339,13 @@ def test_bad_validation_data_and_arguments_are_refused(trained):
     with pytest.raises(ValueError, match="calibration_data is required"):
         quantize_int8(trained["proto"], None)
     for arguments, message in [
-        ({"method": "kl"}, r"method must be one of \['entropy', 'minmax', 'percentile'\]"),
+        ({"method": "kl"}, r"calibration method must be one of \['entropy', 'minmax', "
+                           r"'percentile'\]"),
         ({"max_batches": 0}, "max_batches must be a positive integer or None"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"min_agreement": 1.5}, "min_agreement must be a fraction from 0 to 1"),
         ({"max_mean_error": -1}, "max_mean_error must be a positive number"),
-        ({"activation_type": "int4"}, r"activation_type must be one of \['int8', 'uint8'\]"),
+        ({"openvino": "yes"}, "openvino must be 'auto', True or False"),
     ]:
         with pytest.raises(ValueError, match=message):
             quantize_int8(trained["proto"], x, **arguments)
