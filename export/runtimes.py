@@ -133,6 +133,7 @@ def check(data, feeds, output_names, target, *, cpu_has_vnni, openvino="auto", r
         exact = session(data, optimized=False)
         reference = [exact.run(output_names, feed) for feed in feeds]
     cpu = {True: "a CPU with VNNI", False: "a CPU without VNNI", None: "this CPU"}[cpu_has_vnni]
+    steps = output_steps(data)
     checks = []
     if target.needs_vnni and cpu_has_vnni is False and not every_runtime:
         checks.append(RuntimeCheck(
@@ -140,16 +141,34 @@ def check(data, feeds, output_names, target, *, cpu_has_vnni, openvino="auto", r
             "wrong in onnxruntime; its meaning is verified"))
     else:
         checks.append(_compare("onnxruntime", session(data), feeds, reference, output_names,
-                               f"optimized, on {cpu}"))
+                               f"optimized, on {cpu}", steps))
     if openvino is False or (openvino == "auto" and not openvino_installed()):
         checks.append(RuntimeCheck("openvino", False, "not installed" if openvino else "skipped"))
     else:
         checks.append(_compare("openvino", OpenVINOSession(data), feeds, reference, output_names,
-                               f"CPU plugin, on {cpu}"))
+                               f"CPU plugin, on {cpu}", steps))
     return checks
 
 
-def _compare(runtime, runner, feeds, reference, output_names, note):
+def output_steps(data):
+    """`{output name: step}` of the graph outputs that a DequantizeLinear with a constant
+    per-tensor scale produces: one step of the output's own integer grid."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(data).graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    steps = {}
+    outputs = {value.name for value in graph.output}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in outputs:
+            scale = constants.get(node.input[1])
+            if scale is not None and scale.size == 1:
+                steps[node.output[0]] = float(scale.ravel()[0])
+    return steps
+
+
+def _compare(runtime, runner, feeds, reference, output_names, note, steps):
     pooled = {name: ([], []) for name in output_names}
     for feed, expected in zip(feeds, reference):
         for name, want, got in zip(output_names, expected, runner.run(output_names, feed)):
@@ -159,26 +178,31 @@ def _compare(runtime, runner, feeds, reference, output_names, note):
                     f"meaning {np.shape(want)}; nothing was written")
             pooled[name][0].append(np.ravel(want))
             pooled[name][1].append(np.ravel(got))
-    max_steps, beyond_one = steps_apart(pooled, f"{runtime} ({note})", "the file's meaning")
+    max_steps, beyond_one = steps_apart(pooled, f"{runtime} ({note})", "the file's meaning",
+                                        steps)
     return RuntimeCheck(runtime, True, note, max_steps, beyond_one)
 
 
-def steps_apart(pooled, who, against):
+def steps_apart(pooled, who, against, grid_steps=None):
     """The largest distance in quantization steps and the largest fraction of values beyond one
     step over outputs `{name: (reference values, values)}` (lists of arrays), each output's step
-    its reference's range / 255; VerificationError past `MAX_BEYOND_ONE_STEP`."""
+    its reference's range / 255, or one step of its own integer grid (`grid_steps`, `{name:
+    step}`) where that is larger (a constant output has no range); VerificationError past
+    `MAX_BEYOND_ONE_STEP`."""
     worst_steps, worst_beyond = 0.0, 0.0
     for name, (wants, gots) in pooled.items():
         want = np.concatenate(wants).astype(np.float64)
         got = np.concatenate(gots).astype(np.float64)
-        steps = np.abs(got - want) / verification.quantization_step(want)
+        step = max(verification.quantization_step(want), (grid_steps or {}).get(name, 0.0))
+        steps = np.abs(got - want) / step
         steps[np.isnan(want) & np.isnan(got)] = 0.0
         beyond = float(np.mean(~(steps <= 1.0)))
         if beyond > MAX_BEYOND_ONE_STEP:
             raise VerificationError(
                 f"{who}: {beyond:.1%} of output '{name}' lies more than one quantization step "
-                f"(the output's range / 255) from {against}, up to {np.nanmax(steps):.3g} steps, "
-                f"above the {MAX_BEYOND_ONE_STEP:.0%} allowed; nothing was written"
+                f"(the output's range / 255, or its grid's step) from {against}, up to "
+                f"{np.nanmax(steps):.3g} steps, above the {MAX_BEYOND_ONE_STEP:.0%} allowed; "
+                "nothing was written"
             )
         worst_steps = max(worst_steps, float(np.nanmax(steps, initial=0.0)))
         worst_beyond = max(worst_beyond, beyond)
