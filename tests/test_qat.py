@@ -602,6 +602,33 @@ def test_a_channel_with_gamma_0_and_a_channel_of_zero_weights_train_and_deploy()
     assert np.isfinite(to_numpy(model(x, training=False))).all()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="export needs TensorFlow")
+def test_a_channel_with_gamma_0_and_a_channel_of_zero_weights_export_to_int8(tmp_path):
+    import onnxruntime
+
+    import export
+
+    rng = np.random.default_rng(18)
+    qat_model = keras_bn.prepare_qat(conv_bn_model())
+    layer = qat_model.get_layer("conv1")
+    layer.gamma.assign(np.array([1.3, 0.0, 0.8, 1.1], "float32"))
+    layer.beta.assign(np.array([0.1, 0.7, -0.2, 0.3], "float32"))  # channel 1 passes ReLU
+    kernel = to_numpy(layer.kernel).copy()
+    kernel[..., 2] = 0.0
+    layer.kernel.assign(kernel)
+    x = rng.normal(0, 1, (16, 6, 6, 3)).astype("float32")
+    qat_model(x, training=True)  # learns the input ranges
+    keras_bn.freeze_bn_statistics(qat_model)
+
+    export.to_onnx(qat_model, tmp_path / "qat.onnx")
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "qat.onnx"))
+    y = session.run(None, {session.get_inputs()[0].name: x})[0]
+    expected = to_numpy(qat_model(x, training=False))
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, expected, atol=0.02 * np.ptp(expected))
+
+
 class LayerTest(layer_test_case()):
     def test_run_layer_test(self):
         self.run_layer_test(
