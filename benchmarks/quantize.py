@@ -1,6 +1,7 @@
 """int8 benchmark: our `export.to_onnx(..., quantize="int8")` against our float32 graph and against
 the path a user has today (Keras's `model.export(format="onnx")`, then onnxruntime's
-`quant_pre_process` and `quantize_static`), on the same calibration data.
+`quant_pre_process` and `quantize_static` with the "cpu" target's settings,
+`export.targets.get("cpu").quantize_static_options()`), on the same calibration data.
 
 1. ResNet50 and MobileNetV2 (`keras.applications`, weights=None, 224x224x3, BN statistics
    randomized so that BN is not the identity): latency of our float32 graph, our int8 graph,
@@ -13,20 +14,29 @@ the path a user has today (Keras's `model.export(format="onnx")`, then onnxrunti
    digits under TensorFlow, population statistics estimated (Algorithm 2): test accuracy on the
    449 test digits of Keras, our ONNX float, our int8 and the anchor's graphs, top-1 agreement,
    latency at batch 1 and 32. Calibration on the first 512 training digits.
-3. A sweep of `quantize_int8`'s choices on this machine: activations uint8 asymmetric or int8
-   symmetric, weights 7-bit (`reduce_range=True`) or 8-bit: int8 latency of ResNet50 at batch 1
-   and accuracy and agreement on the BN-Inception.
-4. The CPU (model name, AVX2 / AVX-512 VNNI / AVX-VNNI flags, `export.quantization.cpu_has_vnni`),
-   versions and the load average at start and end; the issue's targets, each with its measured
-   value and whether it holds.
+3. Per deployment target (`export.targets`: "cpu", "cpu-vnni", "tensorrt"), on ResNet50,
+   MobileNetV2 and the BN-Inception: `export.quantize_int8(our float graph, target=...)` on the
+   same calibration data; the int8/float latency ratio in onnxruntime and in OpenVINO's CPU plugin
+   at batch 1 and 32 (float and every target's int8 file of a model in both runtimes timed in
+   turn, so each ratio's float anchor runs in the same runtime beside it), OpenVINO int8 against
+   onnxruntime int8, the layers OpenVINO executes in integers, how each runtime compares with the
+   file's exact meaning (`QuantizationReport.runtimes`), and on the BN-Inception the accuracy on
+   the 449 test digits of the file's meaning and of each runtime. A file the export refuses (a
+   guard, a runtime that disagrees with its meaning) is recorded with the refusal's message, then
+   made again with the refusing check off, so that its figures are measured and marked as such.
+4. The CPU (model name, AVX2 / AVX-512 / VNNI / AMX flags, `export.quantization.cpu_has_vnni`),
+   recorded beside every figure, versions and the load average at start and end; the issue's
+   targets, each with its measured value and whether it holds.
 
 onnxruntime runs on the CPU with 2 intra-op threads and `session.intra_op.allow_spinning` = "0";
-the graphs of a figure are timed in turn (A B C D, then D C B A), medians of --repeats runs at
+OpenVINO through `export.runtimes.OpenVINOSession` (CPU plugin, INFERENCE_PRECISION_HINT f32, its
+latency defaults: every core of this machine); the graphs of a figure are timed in turn
+(A B C D, then D C B A), medians of --repeats runs at
 batch 1 and half as many (at least 5) at batch 32, after one warm-up run each. Writes
 benchmarks/results/quantize.json and quantize.md.
 
     python -m benchmarks.quantize [--repeats 21] [--output-dir benchmarks/results]
-    python -m benchmarks.quantize --quick --output-dir /tmp/quantize   # a toy run, under a minute
+    python -m benchmarks.quantize --quick --output-dir /tmp/quantize   # a toy run, about a minute
 
 Run from the repository root (TensorFlow backend, whatever KERAS_BACKEND says: tf2onnx needs it).
 """
@@ -40,6 +50,7 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 import argparse
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -64,7 +75,8 @@ from benchmarks.export import randomize_batchnorm
 from examples import models, reporting, training
 from examples.data import load_dataset
 from examples.variants import VARIANTS, build_variant
-from export import quantization
+from export import quantization, runtimes
+from export import targets as deployment_targets
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT_DIR = os.path.join(_HERE, "results")
@@ -80,9 +92,12 @@ MAX_ACCURACY_DROP_POINTS = 0.5
 # The BN-Inception recipe: benchmarks/results/train_inception_digits.json's BN-x5 run (the
 # baseline's rate 0.01 times 5, 600 steps of 32, decay over the 600-step budget sped up 6x).
 INCEPTION = dict(learning_rate=0.01, steps=600, batch_size=32, alpha=0.125)
-SWEEP = (  # (activation_type, symmetric_activations, reduce_range)
-    ("uint8", False, True), ("uint8", False, False), ("int8", True, True), ("int8", True, False),
-)
+# The anchor calibrates and quantizes as the default target does.
+ANCHOR_TARGET = "cpu"
+# On a VNNI CPU the "cpu" file (weights within +-64) may cost at most this over "cpu-vnni"'s.
+MAX_CPU_OVER_CPU_VNNI = 1.05
+# The layers whose execution precision in OpenVINO says whether it runs the int8 file in integers.
+OPENVINO_COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +123,9 @@ def cpu_facts():
         "avx512f": "avx512f" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
         "avx_vnni": "avx_vnni" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_int8": "amx_int8" in flags,
+        "amx_bf16": "amx_bf16" in flags,
         "cpu_has_vnni": quantization.cpu_has_vnni(),
         "logical_cpus": os.cpu_count(),
     }
@@ -129,8 +147,53 @@ def session(path):
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+class OpenVINOFile:
+    """An ONNX file in OpenVINO's CPU plugin (`export.runtimes.OpenVINOSession`, float32
+    precision hint), run by `run` as an onnxruntime session is."""
+
+    def __init__(self, path):
+        graph = onnx.load(path, load_external_data=False).graph
+        self.input_name, self.output_name = graph.input[0].name, graph.output[0].name
+        with open(path, "rb") as file:
+            self.session = runtimes.OpenVINOSession(file.read())
+
+
 def run(sess, x):
+    if isinstance(sess, OpenVINOFile):
+        return sess.session.run([sess.output_name], {sess.input_name: x})[0]
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def openvino_execution(path):
+    """How OpenVINO's CPU plugin executes a file's compute layers, from its runtime graph:
+    `{"Convolution u8": count, ...}` (layer type and the precision it runs in) and the kernels
+    (primitive types) it picked, with the properties it compiled under."""
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    layers, kernels = collections.Counter(), collections.Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str)
+        if layer in OPENVINO_COMPUTE_LAYERS:
+            layers[f"{layer} {info['runtimePrecision'].astype(str)}"] += 1
+            kernels[info["primitiveType"].astype(str)] += 1
+    return {
+        "compute_layers": dict(layers.most_common()),
+        "kernels": dict(kernels.most_common()),
+        "properties": {key: str(compiled.get_property(key)) for key in (
+            "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT",
+            "INFERENCE_PRECISION_HINT")},
+    }
+
+
+def integer_layers(execution):
+    """How many of `openvino_execution`'s compute layers run in 8-bit integers, of how many."""
+    layers = execution["compute_layers"]
+    return (sum(n for key, n in layers.items() if key.split()[-1] in ("u8", "i8")),
+            sum(layers.values()))
 
 
 def predict(sess, x, batch_size=256):
@@ -241,6 +304,44 @@ def report_facts(report):
     return facts
 
 
+def made_or_refused(export_int8, **options):
+    """`export_int8(**options)` (`export.to_onnx(..., quantize="int8")` or
+    `export.quantize_int8`), and the refusals on the way. When the export refuses the file
+    (`keras_bn.VerificationError`: the guard, the target's rules, a runtime that disagrees with
+    the file's meaning), the message is kept and the export tried again with the refusing check
+    off (OpenVINO for OpenVINO's disagreement, the guard otherwise), so that the refused file's
+    figures can still be measured. Returns `(result or None, [{"options", "message"}])`."""
+    refusals = []
+    while True:
+        try:
+            return export_int8(**options), refusals
+        except keras_bn.VerificationError as error:
+            message = " ".join(str(error).splitlines()[0].split())[:1000]
+        refusals.append({"options": dict(options), "message": message})
+        print(f"int8 export refused ({options}): {message}", flush=True)
+        if message.lower().startswith("openvino") and options.get("openvino") is not False:
+            options = {**options, "openvino": False}
+        elif options.get("min_agreement") != 0.0:
+            options = {**options, "min_agreement": 0.0}
+        else:
+            return None, refusals
+
+
+def made(result, refusals):
+    """`made_or_refused`'s result, or RuntimeError with the refusals when none was made (the
+    comparison with the anchor needs the file)."""
+    if result is None:
+        raise RuntimeError("the int8 export was refused even with its guard and OpenVINO off: "
+                           + "; ".join(refusal["message"] for refusal in refusals))
+    return result
+
+
+def min_agreement(args):
+    """The guard of the trained digits models: the default, what a user gets; off for --quick,
+    whose toy model is barely trained."""
+    return 0.0 if args.quick else quantization.DEFAULT_MIN_AGREEMENT
+
+
 # ---------------------------------------------------------------------------------------------
 # The anchor: what a user can do today
 
@@ -255,14 +356,14 @@ class _Reader(ort_quantization.CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def anchor_int8(keras_path, int8_path, calibration, *, reduce_range, activation_type="uint8",
-                symmetric_activations=False):
-    """Keras's ONNX file through `quant_pre_process` and `quantize_static` (QDQ, per-channel int8
-    weights, the activation type, symmetry and reduce_range given, MinMax calibration): returns
-    notes on what happened. Pre-processing runs with its defaults first; when that fails (its
-    symbolic shape inference needs sympy, which onnxruntime does not install), it runs again as
-    its error message advises, without symbolic shape inference, and the note says so."""
-    notes = {}
+def anchor_int8(keras_path, int8_path, calibration, target=ANCHOR_TARGET):
+    """Keras's ONNX file through `quant_pre_process` and `quantize_static` with `target`'s
+    settings (`export.targets.Target.quantize_static_options`: QDQ, per-channel int8 weights, its
+    activation type, symmetry and weight range) and MinMax calibration: returns notes on what
+    happened. Pre-processing runs with its defaults first; when that fails (its symbolic shape
+    inference needs sympy, which onnxruntime does not install), it runs again as its error
+    message advises, without symbolic shape inference, and the note says so."""
+    notes = {"target": target}
     prepared = keras_path + ".prepared.onnx"
     start = time.perf_counter()
     try:
@@ -274,11 +375,8 @@ def anchor_int8(keras_path, int8_path, calibration, *, reduce_range, activation_
     name = onnx.load(prepared).graph.input[0].name
     ort_quantization.quantize_static(
         prepared, int8_path, _Reader(name, calibration),
-        quant_format=ort_quantization.QuantFormat.QDQ, per_channel=True,
-        reduce_range=reduce_range, activation_type=quantization.ACTIVATION_TYPES[activation_type],
-        weight_type=ort_quantization.QuantType.QInt8,
         calibrate_method=ort_quantization.CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+        **deployment_targets.get(target).quantize_static_options(),
     )
     os.remove(prepared)
     notes["seconds"] = round(time.perf_counter() - start, 2)
@@ -291,10 +389,10 @@ def keras_export(model, path):
     return round(time.perf_counter() - start, 2)
 
 
-def try_anchor(keras_path, int8_path, calibration, reduce_range):
+def try_anchor(keras_path, int8_path, calibration):
     """`anchor_int8`, or the error it failed with (recorded, not raised: that is a result)."""
     try:
-        return anchor_int8(keras_path, int8_path, calibration, reduce_range=reduce_range), None
+        return anchor_int8(keras_path, int8_path, calibration), None
     except Exception as error:
         message = f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
         print(f"the anchor path failed: {message}", flush=True)
@@ -345,7 +443,6 @@ def bench_application(name, size, args, folder):
     validation = random_images(args.validation_examples, size, seed=2)
     paths = {key: os.path.join(folder, f"{name}_{key}.onnx")
              for key in ("ours_float", "ours_int8", "keras_float", "anchor_int8")}
-    reduce_range = quantization.cpu_has_vnni() is not True  # what quantize_int8 chooses here
 
     start = time.perf_counter()
     export.to_onnx(model, paths["ours_float"], verbose=0)
@@ -353,13 +450,14 @@ def bench_application(name, size, args, folder):
     start = time.perf_counter()
     # Untrained weights on random images: top-1 decisions of near-uniform scores say nothing about
     # accuracy, so the guard is off here (min_agreement=0) and the agreement only recorded.
-    ours = export.to_onnx(model, paths["ours_int8"], quantize="int8",
-                          calibration_data=calibration, validation_data=validation,
-                          calibration_batches=None, min_agreement=0.0, verbose=0)
+    ours, refusals = made_or_refused(
+        functools.partial(export.to_onnx, model, paths["ours_int8"], quantize="int8",
+                          target=ANCHOR_TARGET, calibration_data=calibration,
+                          validation_data=validation, calibration_batches=None, verbose=0),
+        min_agreement=0.0)
     int8_seconds = time.perf_counter() - start
     keras_seconds = keras_export(model, paths["keras_float"])
-    notes, failure = try_anchor(paths["keras_float"], paths["anchor_int8"], calibration,
-                                reduce_range)
+    notes, failure = try_anchor(paths["keras_float"], paths["anchor_int8"], calibration)
 
     sessions = {key: session(path) for key, path in paths.items()
                 if key != "anchor_int8" or failure is None}
@@ -367,7 +465,7 @@ def bench_application(name, size, args, folder):
               if key != "anchor_int8" or failure is None}
     graphs["ours_float"]["export_seconds"] = round(float_seconds, 2)
     graphs["ours_int8"]["export_seconds"] = round(int8_seconds, 2)
-    graphs["ours_int8"]["quantization"] = report_facts(ours.quantization)
+    graphs["ours_int8"]["quantization"] = report_facts(made(ours, refusals).quantization)
     graphs["keras_float"]["export_seconds"] = keras_seconds
     anchor = {"error": failure, **notes}
     if failure is None:
@@ -393,6 +491,7 @@ def bench_application(name, size, args, folder):
                         "examples": len(calibration)},
         "validation": {"data": "other random images, N(0, 1) per pixel (seed 2)",
                        "examples": len(validation)},
+        "ours_int8_refusals": refusals,
         "anchor": anchor,
         "graphs": graphs,
         "int8_vs_float": errors,
@@ -465,23 +564,17 @@ def bench_bn_inception(model, data, args, folder, label):
     x_test, y_test = data.x_test, data.y_test
     paths = {key: os.path.join(folder, f"bn_inception_{key}.onnx")
              for key in ("ours_float", "ours_int8", "keras_float", "anchor_int8")}
-    reduce_range = quantization.cpu_has_vnni() is not True
 
     export.to_onnx(model, paths["ours_float"], verbose=0)
-    int8_options = dict(quantize="int8", calibration_data=calibration,
-                        validation_data=(x_test, y_test), calibration_batches=None, verbose=0)
-    ours_error = None
-    try:  # the guard at its default (99% top-1 agreement), what a user gets; off for --quick
-        ours = export.to_onnx(model, paths["ours_int8"], **int8_options,
-                              **({"min_agreement": 0.0} if args.quick else {}))
-    except keras_bn.VerificationError as error:
-        # A finding, recorded; the figures below are then those of the graph the guard refused.
-        ours_error = str(error).splitlines()[0]
-        print(f"our int8 export refused: {ours_error}", flush=True)
-        ours = export.to_onnx(model, paths["ours_int8"], **int8_options, min_agreement=0.0)
+    # The guard at its default (99% top-1 agreement), what a user gets; off for --quick. A
+    # refusal is a finding, recorded; the figures below are then those of the refused graph.
+    ours, refusals = made_or_refused(
+        functools.partial(export.to_onnx, model, paths["ours_int8"], quantize="int8",
+                          target=ANCHOR_TARGET, calibration_data=calibration,
+                          validation_data=(x_test, y_test), calibration_batches=None, verbose=0),
+        min_agreement=min_agreement(args))
     keras_seconds = keras_export(model, paths["keras_float"])
-    notes, failure = try_anchor(paths["keras_float"], paths["anchor_int8"], calibration,
-                                reduce_range)
+    notes, failure = try_anchor(paths["keras_float"], paths["anchor_int8"], calibration)
     present = [key for key in paths if os.path.exists(paths[key])]
     sessions = {key: session(paths[key]) for key in present}
     keras_scores = training.predict(model, x_test)
@@ -500,7 +593,7 @@ def bench_bn_inception(model, data, args, folder, label):
           flush=True)
     graphs = {key: graph_facts(paths[key]) for key in present}
     graphs["keras_float"]["export_seconds"] = keras_seconds
-    graphs["ours_int8"]["quantization"] = report_facts(ours.quantization)
+    graphs["ours_int8"]["quantization"] = report_facts(made(ours, refusals).quantization)
     latency = latency_figures(
         sessions, lambda b: np.ascontiguousarray(x_test[:b]), args.repeats * 5, label)
     return {
@@ -508,8 +601,8 @@ def bench_bn_inception(model, data, args, folder, label):
         "calibration": {"data": f"the first {len(calibration)} training digits",
                         "examples": len(calibration), "batch_size": CALIBRATION_BATCH},
         "validation": {"data": "the test digits, with labels", "examples": len(x_test)},
-        "min_agreement": 0.0 if args.quick else quantization.DEFAULT_MIN_AGREEMENT,
-        "ours_int8_refused_by_guard": ours_error,
+        "min_agreement": min_agreement(args),
+        "ours_int8_refusals": refusals,
         "anchor": {"error": failure, **notes},
         "accuracy": accuracy,
         "top1_agreement_with_keras": agreement_with_keras,
@@ -517,75 +610,115 @@ def bench_bn_inception(model, data, args, folder, label):
         "graphs": graphs,
         "latency": latency,
         "paths": paths,
+        "calibration_data": calibration,
     }
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. The sweep of quantize_int8's choices
+# 3. Per deployment target
 
 
-def sweep(latency_model, latency_float_path, latency_calibration, size, digits_float_path, data,
-          label, args, folder):
-    """Each (activation type and symmetry, reduce_range) through `quantize_int8` on our float
-    graphs: the int8 latency of `latency_model` (ResNet50) at batch 1, every configuration timed
-    in turn with the float graph, twice --repeats runs; and the digits model's accuracy and top-1
-    agreement with its float graph on the test digits."""
-    print(f"== sweep: activations and reduce_range ({latency_model} batch 1, {label})",
-          flush=True)
-    rows, sessions = [], {"float": session(latency_float_path)}
-    digits_calibration = data.x_train[:args.digits_calibration_batches * CALIBRATION_BATCH]
-    for activation_type, symmetric, reduce_range in SWEEP:
-        key = (f"{activation_type}_{'symmetric' if symmetric else 'asymmetric'}_"
-               f"{'7bit' if reduce_range else '8bit'}_weights")
-        options = dict(method="minmax", max_batches=None, min_agreement=0.0, verbose=0,
-                       activation_type=activation_type, symmetric_activations=symmetric,
-                       reduce_range=reduce_range)
-        int8, report = export.quantize_int8(latency_float_path, latency_calibration, **options)
-        path = os.path.join(folder, f"sweep_{key}.onnx")
-        onnx.save(int8, path)
-        sessions[key] = session(path)
-        _, digits = export.quantize_int8(digits_float_path, digits_calibration,
-                                         validation_data=(data.x_test, data.y_test), **options)
-        output = digits.outputs[0]
-        rows.append({
-            "configuration": key, "activation_type": activation_type,
-            "symmetric_activations": symmetric, "reduce_range": reduce_range,
-            "latency_model_mean_error": report.outputs[0].mean_error,
-            "latency_model_max_error": report.outputs[0].max_error,
-            "bn_inception_float_accuracy": output.float_accuracy,
-            "bn_inception_int8_accuracy": output.int8_accuracy,
-            "bn_inception_top1_agreement": output.agreement,
-            "bn_inception_mean_error": output.mean_error,
-        })
-    timing = alternate_latency(sessions, random_images(1, size, seed=3), 2 * args.repeats)
-    for row in rows:
-        ms = timing["median_ms"][row["configuration"]]
-        row[f"{latency_model}_batch_1_ms"] = ms
-        row[f"{latency_model}_batch_1_int8_over_float"] = round(
-            ms / timing["median_ms"]["float"], 3)
-        print(f"sweep {row['configuration']}: {latency_model} batch 1 {ms:.2f} ms "
-              f"({row[f'{latency_model}_batch_1_int8_over_float']:.3f}x float); {label} int8 "
-              f"{row['bn_inception_int8_accuracy']:.2%} (float "
-              f"{row['bn_inception_float_accuracy']:.2%}), agreement "
-              f"{row['bn_inception_top1_agreement']:.2%}", flush=True)
-    fastest = min(rows, key=lambda r: r[f"{latency_model}_batch_1_ms"])["configuration"]
-    # Agreement first: on 449 digits a graph that flips many decisions can still gain accuracy.
-    most_accurate = max(rows, key=lambda r: (r["bn_inception_top1_agreement"],
-                                             r["bn_inception_int8_accuracy"]))["configuration"]
-    default = rows[0]["configuration"] if quantization.cpu_has_vnni() is not True else rows[1][
-        "configuration"]
+def bench_targets(name, float_path, calibration, validation, x_for_batch, repeats, folder, cpu,
+                  *, guard=0.0):
+    """Every target's int8 file of our float graph `float_path` (`export.quantize_int8` on
+    `calibration`, compared on `validation`, an array or `(x, labels)`), each run in onnxruntime
+    and OpenVINO beside the float graph in the same runtime; see the module's docstring."""
+    print(f"== {name}: per target ({', '.join(deployment_targets.TARGETS)})", flush=True)
+    labels = validation[1] if isinstance(validation, tuple) else None
+    x_validation = validation[0] if isinstance(validation, tuple) else validation
+    openvino = runtimes.openvino_installed()
+    files, entries = {"float": float_path}, {}
+    for target in deployment_targets.TARGETS:
+        start = time.perf_counter()
+        result, refusals = made_or_refused(functools.partial(
+            export.quantize_int8, float_path, calibration, target=target, max_batches=None,
+            validation_data=validation, verbose=0), min_agreement=guard)
+        entry = {"target": target, "cpu": cpu, "refusals": refusals, "made": result is not None}
+        if result is not None:
+            int8, report = result
+            files[target] = os.path.join(folder, f"{name}_{target}.onnx")
+            onnx.save(int8, files[target])
+            output = report.outputs[0]
+            entry.update({
+                "seconds": round(time.perf_counter() - start, 1),
+                "weight_bound": report.weight_bound,
+                "activation_type": report.activation_type,
+                "symmetric_activations": report.symmetric_activations,
+                "meaning_vs_float": {"max_error": output.max_error,
+                                     "mean_error": output.mean_error,
+                                     "top1_agreement": output.agreement,
+                                     "float_accuracy": output.float_accuracy,
+                                     "int8_accuracy": output.int8_accuracy},
+                "runtimes": [dataclasses.asdict(check) for check in report.runtimes],
+                "report": report.summary(),
+                "file_bytes": os.path.getsize(files[target]),
+            })
+            print(f"{name} '{target}': " + report.summary().splitlines()[-1]
+                  + (" [made after a refusal]" if refusals else ""), flush=True)
+        entries[target] = entry
+    sessions = {f"onnxruntime {key}": session(path) for key, path in files.items()}
+    if openvino:
+        sessions.update({f"openvino {key}": OpenVINOFile(path) for key, path in files.items()})
+        for key, path in files.items():
+            execution = openvino_execution(path)
+            if key == "float":
+                float_execution = execution
+            else:
+                entries[key]["openvino_execution"] = execution
+    if labels is not None:  # each runtime's accuracy on the test digits
+        for key in files:
+            if key == "float":
+                continue
+            entries[key]["accuracy"] = {}
+            for runtime in ("onnxruntime", "openvino"):
+                if f"{runtime} {key}" in sessions:
+                    scores = predict(sessions[f"{runtime} {key}"], x_validation)
+                    entries[key]["accuracy"][runtime] = float(np.mean(scores.argmax(1) == labels))
+            entries[key]["accuracy"]["float"] = float(np.mean(
+                predict(sessions["onnxruntime float"], x_validation).argmax(1) == labels))
+    timing = {}
+    for batch_size in BATCH_SIZES:
+        n = repeats if batch_size == 1 else max(5, repeats // 2)
+        figures = alternate_latency(sessions, x_for_batch(batch_size), n)
+        timing[f"batch_{batch_size}"] = figures
+        ms = figures["median_ms"]
+        for key, entry in entries.items():
+            if key not in files:
+                continue
+            row = {"median_ms": {runtime: {"float": ms.get(f"{runtime} float"),
+                                           "int8": ms.get(f"{runtime} {key}")}
+                                 for runtime in runtimes.RUNTIMES},
+                   "repeats": n, "load_average_before_after": figures[
+                       "load_average_before_after"], "cpu_has_vnni": cpu["cpu_has_vnni"]}
+            for runtime in runtimes.RUNTIMES:
+                pair = row["median_ms"][runtime]
+                row[f"{runtime}_int8_over_float"] = (
+                    None if pair["int8"] is None else round(pair["int8"] / pair["float"], 3))
+            row["openvino_int8_over_onnxruntime_int8"] = (
+                None if row["median_ms"]["openvino"]["int8"] is None else round(
+                    row["median_ms"]["openvino"]["int8"] / row["median_ms"]["onnxruntime"]["int8"],
+                    3))
+            entry.setdefault("latency", {})[f"batch_{batch_size}"] = row
+            print(f"{name} '{key}' batch {batch_size}: int8/float onnxruntime "
+                  f"{row['onnxruntime_int8_over_float']}, openvino "
+                  f"{row['openvino_int8_over_float']}; openvino/onnxruntime int8 "
+                  f"{row['openvino_int8_over_onnxruntime_int8']} "
+                  f"(median of {n}; load {figures['load_average_before_after'][1][0]})",
+                  flush=True)
     return {
-        "latency_model": latency_model,
-        "float_batch_1_ms": timing["median_ms"]["float"],
-        "repeats": timing["repeats"],
-        "calibration": "as in the benchmark above: the same random images and training digits",
-        "configurations": rows,
-        "default_on_this_machine": default,
-        "fastest": fastest,
-        "most_accurate_on_bn_inception": most_accurate,
-        "most_accurate_means": "highest top-1 agreement with the float graph, then accuracy",
-        "all_ms": timing["all_ms"],
+        "cpu": cpu,
+        "openvino": {"installed": openvino,
+                     "version": _openvino_version() if openvino else None,
+                     "float_execution": float_execution if openvino else None},
+        "targets": entries,
+        "timing": timing,
     }
+
+
+def _openvino_version():
+    import openvino
+
+    return openvino.__version__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,11 +743,11 @@ def targets(results, models_run):
                    f"<= {MAX_INT8_OVER_FLOAT}", ratio <= MAX_INT8_OVER_FLOAT, no_vnni)
     digits = results["bn_inception_digits"]
     label, accuracy = digits["label"], digits["accuracy"]
-    refused = digits["ours_int8_refused_by_guard"]
+    refused = "; ".join(refusal["message"] for refusal in digits["ours_int8_refusals"])
     drop = round(100 * (accuracy["ours_float"] - accuracy["ours_int8"]), 3)
     target(f"{label} int8 accuracy drop vs our ONNX float (points)", drop,
            f"<= {MAX_ACCURACY_DROP_POINTS}", drop <= MAX_ACCURACY_DROP_POINTS,
-           f"the guard refused the graph: {refused}" if refused else "")
+           f"the export refused the graph: {refused}" if refused else "")
     for name in models_run + [label]:
         entry = digits if name == label else results["models"][name]
         for batch_size in BATCH_SIZES:
@@ -632,7 +765,55 @@ def targets(results, models_run):
     else:
         target(what, round(100 * (accuracy["ours_int8"] - accuracy["anchor_int8"]), 3), ">= 0",
                accuracy["ours_int8"] >= accuracy["anchor_int8"])
+    per_target = results["per_target"]
+    first = "ResNet50" if "ResNet50" in per_target else models_run[0]
+    files = per_target[first]["targets"]
+    for batch_size in BATCH_SIZES:
+        what = (f"{first} 'cpu' / 'cpu-vnni' int8 latency in onnxruntime, batch {batch_size} "
+                "(on a VNNI CPU)")
+        if not all(files[key]["made"] for key in ("cpu", "cpu-vnni")):
+            target(what, None, f"<= {MAX_CPU_OVER_CPU_VNNI}", None, "a file was refused")
+            continue
+        ms = [files[key]["latency"][f"batch_{batch_size}"]["median_ms"]["onnxruntime"]["int8"]
+              for key in ("cpu", "cpu-vnni")]
+        ratio = round(ms[0] / ms[1], 3)
+        if results["machine"]["cpu"]["cpu_has_vnni"]:
+            target(what, ratio, f"<= {MAX_CPU_OVER_CPU_VNNI}", ratio <= MAX_CPU_OVER_CPU_VNNI)
+        else:
+            target(what, None, f"<= {MAX_CPU_OVER_CPU_VNNI}", None,
+                   f"this CPU has no VNNI, where 'cpu-vnni' files are wrong in onnxruntime "
+                   f"(measured {ratio} all the same)")
+    for name, entry in per_target.items():
+        for key, file in entry["targets"].items():
+            for batch_size in BATCH_SIZES:
+                what = (f"{name} '{key}' OpenVINO int8 / onnxruntime int8 latency, batch "
+                        f"{batch_size}")
+                if not file["made"]:
+                    target(what, None, "<= 1.0", None, "the export refused every file: "
+                           + file["refusals"][-1]["message"])
+                    continue
+                row = file["latency"][f"batch_{batch_size}"]
+                ratio = row["openvino_int8_over_onnxruntime_int8"]
+                if ratio is None:
+                    target(what, None, "<= 1.0", None, "OpenVINO is not installed")
+                else:
+                    target(what, ratio, "<= 1.0", ratio <= 1.0,
+                           "" if ratio <= 1.0 else why_openvino_slower(entry, file, row))
     return found
+
+
+def why_openvino_slower(entry, file, row):
+    """What was measured beside an OpenVINO int8 file slower than onnxruntime's: whether OpenVINO
+    is slower on the float graph too, and how many compute layers it ran in integers."""
+    ms = row["median_ms"]
+    integer, total = integer_layers(file["openvino_execution"])
+    float_ratio = ms["openvino"]["float"] / ms["onnxruntime"]["float"]
+    kernels = ", ".join(file["openvino_execution"]["kernels"])
+    return (f"float: OpenVINO {ms['openvino']['float']:.2f} ms, onnxruntime "
+            f"{ms['onnxruntime']['float']:.2f} ms ({float_ratio:.2f}x); int8/float: OpenVINO "
+            f"{row['openvino_int8_over_float']}, onnxruntime {row['onnxruntime_int8_over_float']}"
+            f"; OpenVINO runs {integer} of {total} conv/matmul layers in 8-bit integers "
+            f"({kernels})")
 
 
 def _ms(entry, key):
@@ -640,12 +821,77 @@ def _ms(entry, key):
     return "failed" if value is None else f"{value:.2f}"
 
 
+def cpu_line(cpu):
+    """The CPU in a few words: its name and the flags that decide int8 speed."""
+    flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                               "amx_int8") if cpu.get(flag)]
+    vnni = "with VNNI" if cpu["cpu_has_vnni"] else "no VNNI"
+    return f"{cpu['model_name']} ({vnni}: {' '.join(flags)}; {cpu['logical_cpus']} logical CPUs)"
+
+
+def _ratio(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def per_target_table(results):
+    """The per-target figures: latency ratios in both runtimes, agreement with the file's
+    meaning, accuracy on the test digits."""
+    lines = [
+        "", f"Per target, CPU {cpu_line(results['machine']['cpu'])}; onnxruntime "
+        f"{results['versions']['onnxruntime']} ({THREADS} threads), OpenVINO "
+        f"{results['versions'].get('openvino')}; int8/float in each runtime, median ms in brackets",
+        "",
+        "| model | target | batch | onnxruntime int8/float | OpenVINO int8/float "
+        "| OpenVINO int8 / onnxruntime int8 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["per_target"].items():
+        for key, file in entry["targets"].items():
+            if not file["made"]:
+                lines.append(f"| {name} | {key} | - | refused | refused | - |")
+                continue
+            for batch_size in BATCH_SIZES:
+                row = file["latency"][f"batch_{batch_size}"]
+                ms = row["median_ms"]
+                cells = []
+                for runtime in runtimes.RUNTIMES:
+                    pair = ms[runtime]
+                    cells.append("-" if pair["int8"] is None else
+                                 f"{row[f'{runtime}_int8_over_float']:.3f} "
+                                 f"({pair['int8']:.2f} / {pair['float']:.2f})")
+                lines.append(f"| {name} | {key} | {batch_size} | {cells[0]} | {cells[1]} | "
+                             f"{_ratio(row['openvino_int8_over_onnxruntime_int8'])} |")
+    lines += ["", "| model | target | weights | refused | runtimes vs the file's meaning "
+              "| OpenVINO conv/matmul in int8 | accuracy: meaning, onnxruntime, OpenVINO |",
+              "|---|---|---|---|---|---|---|"]
+    for name, entry in results["per_target"].items():
+        for key, file in entry["targets"].items():
+            refused = "; ".join(refusal["message"] for refusal in file["refusals"]) or "no"
+            if not file["made"]:
+                lines.append(f"| {name} | {key} | - | {refused} | - | - | - |")
+                continue
+            checks = "; ".join(
+                f"{check['runtime']} {check['max_steps']:.2f} steps, "
+                f"{check['beyond_one_step']:.2%} beyond one" if check["max_steps"] is not None
+                else f"{check['runtime']} not checked" for check in file["runtimes"])
+            integer = ("-" if "openvino_execution" not in file
+                       else "{} of {}".format(*integer_layers(file["openvino_execution"])))
+            accuracy = "-"
+            if "accuracy" in file:
+                values = [file["meaning_vs_float"]["int8_accuracy"]] + [
+                    file["accuracy"].get(runtime) for runtime in runtimes.RUNTIMES]
+                accuracy = ", ".join("-" if v is None else f"{v:.2%}" for v in values)
+            lines.append(f"| {name} | {key} | +-{file['weight_bound']} | {refused} | {checks} | "
+                         f"{integer} | {accuracy} |")
+    return lines
+
+
 def table(results, models_run):
     cpu = results["machine"]["cpu"]
-    vnni = "with VNNI" if cpu["cpu_has_vnni"] else "AVX2, no VNNI"
     lines = [
         f"onnxruntime {results['versions']['onnxruntime']}, {THREADS} intra-op threads, "
-        f"{cpu['model_name']} ({vnni}); median ms",
+        f"{cpu_line(cpu)}; median ms; load average {results['machine']['load_average_start']} "
+        f"at start, {results['machine']['load_average_end']} at end",
         "",
         "| model | batch | ours float32 | ours int8 | int8/float | Keras float32 | anchor int8 "
         "| ours int8 / anchor int8 |",
@@ -665,8 +911,9 @@ def table(results, models_run):
     accuracy = digits["accuracy"]
     lines += ["", f"{digits['label']} on the {digits['validation']['examples']} test digits, "
               "accuracy: " + ", ".join(
-        f"{key} {value:.2%}" for key, value in accuracy.items()), "",
-        "| target | measured | threshold | holds |", "|---|---|---|---|"]
+        f"{key} {value:.2%}" for key, value in accuracy.items())]
+    lines += per_target_table(results)
+    lines += ["", "| target | measured | threshold | holds |", "|---|---|---|---|"]
     for entry in results["targets"]:
         holds = {True: "yes", False: "**no**", None: "not measured"}[entry["holds"]]
         lines.append(f"| {entry['target']} | {entry['measured']} | {entry['threshold']} | "
@@ -712,37 +959,51 @@ def main(argv=None):
         "quick": args.quick,
         "machine": {"cpu": cpu_facts(), "platform": platform.platform(),
                     "load_average_start": load_average(),
-                    "note": "2-core VM shared with other processes while measured; medians"},
+                    "note": f"{os.cpu_count()} logical CPUs, shared with other processes "
+                            "while measured (see the load averages); medians"},
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__,
                      "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+                     "onnxruntime": onnxruntime.__version__,
+                     "openvino": _openvino_version() if runtimes.openvino_installed() else None},
         "onnxruntime_session": {"intra_op_num_threads": THREADS,
                                 "session.intra_op.allow_spinning": "0",
                                 "providers": ["CPUExecutionProvider"]},
         "method": "every graph of a figure timed in turn (forward, then backward), one warm-up "
-                  "run each, medians of repeats; int8 is QDQ, MinMax calibration, weights int8 "
-                  "symmetric per channel, activations uint8 asymmetric, reduce_range as "
-                  "quantize_int8 chooses on this CPU, for ours and the anchor alike",
-        "reduce_range": quantization.cpu_has_vnni() is not True,
+                  "run each, medians of repeats; int8 is QDQ, MinMax calibration; ours and the "
+                  f"anchor use target '{ANCHOR_TARGET}' (uint8 asymmetric activations, int8 "
+                  "symmetric per-channel weights within +-64); the per-target section uses "
+                  "each target's scheme",
+        "anchor_target": ANCHOR_TARGET,
+        "anchor_quantize_static_options": {
+            key: str(value) for key, value in
+            deployment_targets.get(ANCHOR_TARGET).quantize_static_options().items()},
+        "openvino_session": "export.runtimes.OpenVINOSession: CPU plugin, "
+                            "INFERENCE_PRECISION_HINT f32, other properties at their defaults",
         "models": {},
     }
     cpu = results["machine"]["cpu"]
     print(f"CPU {cpu['model_name']}: avx2 {cpu['avx2']}, avx512_vnni {cpu['avx512_vnni']}, "
-          f"avx_vnni {cpu['avx_vnni']}, cpu_has_vnni {cpu['cpu_has_vnni']}; load "
-          f"{results['machine']['load_average_start']}", flush=True)
+          f"avx_vnni {cpu['avx_vnni']}, amx_int8 {cpu['amx_int8']}, cpu_has_vnni "
+          f"{cpu['cpu_has_vnni']}; load {results['machine']['load_average_start']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="keras-bn-quantize-") as folder:
         for name in models_run:
-            results["models"][name] = bench_application(name, size, args, folder)
+            results["models"][name] = {"cpu": cpu, **bench_application(name, size, args, folder)}
         model, data, recipe = train_toy_digits() if args.quick else train_bn_inception()
         digits = bench_bn_inception(model, data, args, folder,
                                     "toy digits" if args.quick else "BN-Inception")
-        paths = digits.pop("paths")
-        results["bn_inception_digits"] = {"training": recipe, **digits}
-        first = models_run[0]
-        calibration = random_images(args.calibration_batches * CALIBRATION_BATCH, size, seed=1)
-        results["sweep"] = sweep(first, os.path.join(folder, f"{first}_ours_float.onnx"),
-                                 calibration, size, paths["ours_float"], data, digits["label"],
-                                 args, folder)
+        paths, digits_calibration = digits.pop("paths"), digits.pop("calibration_data")
+        results["bn_inception_digits"] = {"cpu": cpu, "training": recipe, **digits}
+        results["per_target"] = {}
+        for name in models_run:
+            results["per_target"][name] = bench_targets(
+                name, os.path.join(folder, f"{name}_ours_float.onnx"),
+                random_images(args.calibration_batches * CALIBRATION_BATCH, size, seed=1),
+                random_images(args.validation_examples, size, seed=2),
+                lambda b: random_images(b, size, seed=3), args.repeats, folder, cpu)
+        results["per_target"][digits["label"]] = bench_targets(
+            "bn_inception", paths["ours_float"], digits_calibration, (data.x_test, data.y_test),
+            lambda b: np.ascontiguousarray(data.x_test[:b]), args.repeats * 5, folder, cpu,
+            guard=min_agreement(args))
     results["machine"]["load_average_end"] = load_average()
     results["targets"] = targets(results, models_run)
     results["seconds"] = round(time.perf_counter() - started, 1)
