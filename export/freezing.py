@@ -15,13 +15,16 @@ dropped, so the frozen model computes the same thing whatever it is called with.
 
 import dataclasses
 import logging
+import math
 
 import keras
+import numpy as np
 from keras import ops
 
 import keras_bn
 from keras_bn import _keras_internals, verification
 from keras_bn.folding import inference_affine
+from keras_bn.folding.graph import copy_operation
 from keras_bn.quantization import deployment
 from keras_bn.quantization.folded_batch_normalization import FoldedBatchNormalization
 
@@ -134,6 +137,9 @@ class FreezeReport:
         quantized: names of QAT layers (`keras_bn.Conv2DBatchNormalization` and its kind)
             replaced by their deployed form: a fixed-range input quantizer and a plain layer
             holding the folded, quantized kernel (`keras_bn.quantization.deployment`).
+        rewritten: `(name, how)` pairs: layers computed another, equal way that tf2onnx
+            converts (`gelu_with_erf`, a grouped convolution as a depthwise one or as one
+            convolution per group).
         fold_max_error: the largest difference `fold_batchnorm` measured between the folded and
             the original model, or `None` when folding was skipped or not verified.
     """
@@ -142,6 +148,7 @@ class FreezeReport:
     frozen: list = dataclasses.field(default_factory=list)
     removed: list = dataclasses.field(default_factory=list)
     quantized: list = dataclasses.field(default_factory=list)
+    rewritten: list = dataclasses.field(default_factory=list)
     fold_max_error: float = None
 
 
@@ -218,14 +225,20 @@ def freeze(model, fold=True, verify=True, tolerance=None):
             identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
             replacements.add(id(identity))
             return identity
-        copy = layer.__class__.from_config(layer.get_config())
-        originals[id(copy)] = (copy, layer.get_weights())
+        if not isinstance(layer, keras.layers.Layer):
+            return copy_operation(layer)  # a keras.ops call (`x + 3.0`, `keras.ops.mean`)
+        copy, weights, how = _convertible_copy(layer)
+        if how:
+            report.rewritten.append((names.get(id(layer), layer.name), how))
+        originals[id(copy)] = (copy, weights)
         return copy
 
     def call_without_training(layer, *args, **kwargs):
         if id(layer) in replacements:
             return layer(args[0])  # BN's mask= and training= mean nothing to a constant map
         kwargs.pop("training", None)
+        if _is_add_operation(layer):
+            args = _scalars_as_arrays(args)
         return layer(*args, **kwargs)
 
     if isinstance(source, keras.Sequential):
@@ -259,6 +272,130 @@ def freeze(model, fold=True, verify=True, tolerance=None):
         len(report.removed),
     )
     return frozen_model
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+def gelu_with_erf(x):
+    """The exact GELU `x * Phi(x)` written as `0.5 * x * (1 + erf(x / sqrt(2)))`.
+
+    Keras's exact GELU (`keras.activations.gelu`, `approximate=False`) lowers in TensorFlow to
+    `0.5 * x * erfc(-x / sqrt(2))`, and tf2onnx has no ONNX form for `Erfc`; ONNX has `Erf`. Both
+    compute the same function; for large negative `x` the `erf` form rounds to 0 where `erfc`
+    keeps a value below `|x| * 1e-7`.
+
+    Reference:
+        [Hendrycks & Gimpel, 2016](https://arxiv.org/abs/1606.08415), Section 2.
+    """
+    x = ops.convert_to_tensor(x)
+    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+class _GroupsAsSplits:
+    """A grouped convolution computed as one plain convolution per group, concatenated.
+
+    Keras runs a grouped convolution in TensorFlow through a `jit_compile` function (TensorFlow's
+    CPU kernel lacks groups), which stays a `StatefulPartitionedCall` tf2onnx cannot convert. The
+    per-group convolutions take the same kernel, split along its output channels, and compute the
+    same sums; `export.graph_passes.concatenated_convolutions_to_grouped_convolution` joins them
+    into one ONNX `Conv` with `group` again.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.groups == 1:
+            return super().convolution_op(inputs, kernel)
+        axis = -1 if self.data_format == "channels_last" else 1
+        return ops.concatenate([
+            super(_GroupsAsSplits, self).convolution_op(part, part_kernel)
+            for part, part_kernel in zip(ops.split(inputs, self.groups, axis=axis),
+                                         ops.split(kernel, self.groups, axis=-1))
+        ], axis=axis)
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class GroupsAsSplitsConv1D(_GroupsAsSplits, keras.layers.Conv1D):
+    """`keras.layers.Conv1D` with its groups computed one convolution each (`_GroupsAsSplits`)."""
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class GroupsAsSplitsConv2D(_GroupsAsSplits, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with its groups computed one convolution each (`_GroupsAsSplits`)."""
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class GroupsAsSplitsConv3D(_GroupsAsSplits, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` with its groups computed one convolution each (`_GroupsAsSplits`)."""
+
+
+_GROUPS_AS_SPLITS = {
+    keras.layers.Conv1D: GroupsAsSplitsConv1D,
+    keras.layers.Conv2D: GroupsAsSplitsConv2D,
+    keras.layers.Conv3D: GroupsAsSplitsConv3D,
+}
+_DEPTHWISE = {keras.layers.Conv1D: keras.layers.DepthwiseConv1D,
+              keras.layers.Conv2D: keras.layers.DepthwiseConv2D}
+
+
+def _convertible_copy(layer):
+    """A fresh copy of `layer` that tf2onnx converts, its weights, and how it differs or `None`.
+
+    A grouped convolution whose every group is one input channel (ConvNeXt's) becomes the
+    depthwise convolution it is, other grouped convolutions one convolution per group
+    (`_GroupsAsSplits`); an exact GELU activation becomes `gelu_with_erf`. Each computes what the
+    original does.
+    """
+    how = []
+    weights = layer.get_weights()
+    if type(layer) in _GROUPS_AS_SPLITS and layer.groups > 1:
+        config = layer.get_config()
+        channels = layer.kernel.shape[-2] * layer.groups
+        if type(layer) in _DEPTHWISE and layer.groups == channels and layer.padding != "causal":
+            # Conv kernel (..., 1, groups * multiplier): output channel c * multiplier + m reads
+            # input channel c, as the depthwise kernel (..., channels, multiplier) does.
+            multiplier = layer.filters // layer.groups
+            copy = _DEPTHWISE[type(layer)](
+                kernel_size=layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                depth_multiplier=multiplier, data_format=layer.data_format,
+                dilation_rate=layer.dilation_rate, activation=config["activation"],
+                use_bias=layer.use_bias, name=layer.name, dtype=layer.dtype_policy.name,
+            )
+            kernel = weights[0]
+            weights[0] = kernel.reshape(kernel.shape[:-2] + (channels, multiplier))
+            how.append(f"grouped convolution ({layer.groups} groups of 1 channel) as depthwise")
+        else:
+            copy = _GROUPS_AS_SPLITS[type(layer)].from_config(config)
+            how.append(f"grouped convolution as {layer.groups} convolutions")
+    else:
+        copy = copy_operation(layer)
+    if getattr(copy, "activation", None) is keras.activations.gelu:
+        copy.activation = gelu_with_erf
+        how.append("exact GELU with Erf")
+    return copy, weights, "; ".join(how) or None
+
+
+def _is_add_operation(operation):
+    """Whether `operation` is the `keras.ops.add` of `x + y` in a functional graph (not a layer)."""
+    return not isinstance(operation, keras.layers.Layer) and type(operation).__name__ == "Add"
+
+
+def _scalars_as_arrays(args):
+    """`args` with each Python number beside a floating-point tensor made a one-element array of
+    that tensor's dtype, which broadcasts, and rounds, as the number does.
+
+    tf2onnx's transpose optimizer fails on an `Add` of a scalar constant to a convolution's output
+    (`x + 3.0` in MobileNetV3's hard-swish: `max()` of the constant's empty shape, tf2onnx 1.17)
+    and then skips the whole graph, leaving a pair of `Transpose`s around every convolution; a
+    constant of shape `(1,)` takes its ordinary path.
+    """
+    floats = [arg for arg in args if isinstance(arg, keras.KerasTensor)
+              and keras.backend.is_float_dtype(arg.dtype)]
+    if not floats:
+        return args
+    dtype = keras.backend.standardize_dtype(floats[0].dtype)
+    return tuple(
+        np.full((1,), arg, dtype=dtype)
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool) else arg
+        for arg in args
+    )
 
 
 def _without_optimizer(clone):

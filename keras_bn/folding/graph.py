@@ -356,11 +356,29 @@ def _verify(original, folded, report, tolerance):
     )
 
 
+def copy_operation(operation):
+    """A fresh copy of a graph node's `operation`, without its weights.
+
+    A layer is re-created from its config. A `keras.layers.Lambda` is re-created around the same
+    Python function: its config holds the function's bytecode, which Keras refuses to load
+    outside `safe_mode=False`, yet copying a model in memory deserializes nothing untrusted. A
+    `keras.ops` call in the graph (`x + y`, `keras.ops.concatenate`), an `Operation` but not a
+    `Layer`, has no weights and is re-created from its config too.
+    """
+    if isinstance(operation, keras.layers.Lambda):
+        return keras.layers.Lambda(
+            operation.function, output_shape=operation._output_shape, mask=operation.mask,
+            arguments=dict(operation.arguments), name=operation.name,
+            dtype=operation.dtype_policy.name,
+        )
+    return operation.__class__.from_config(operation.get_config())
+
+
 def _clone_layer(layer, with_bias):
     try:
         if with_bias:
             return layouts.with_bias(layer)
-        return layer.__class__.from_config(layer.get_config())
+        return copy_operation(layer)
     except Exception as error:  # a custom layer whose config does not round-trip
         raise ValueError(
             f"fold_batchnorm() copies every layer from its config, and {describe(layer)} "

@@ -1,0 +1,405 @@
+"""Breadth benchmark: every `keras.applications` architecture of the installed Keras through
+folding, float export, int8 export and QAT preparation, beside Keras's own ONNX export.
+
+Each architecture is built with `weights=None`, `classes=10` and no classifier activation (logits,
+which vary from input to input where softmax over an untrained head is nearly uniform) at the
+smallest input it accepts rounded up to a common size (32x32; 71 for Xception, 75 for the
+Inception networks). Its BN population statistics are estimated on random images
+(`keras_bn.estimate_population_statistics`, Algorithm 2) so that every BN normalizes what it sees
+and activations neither vanish nor explode. Then, each step timed and its error recorded:
+
+1. `keras_bn.fold_batchnorm`: BN folded and left, and the verified error;
+2. `export.to_onnx(model, path)`: the float graph, its node counts, the normalization arithmetic
+   left in it, its size and error against Keras;
+3. `export.to_onnx(model, path, quantize="int8", calibration_data=...)` for the default target:
+   node counts, size, top-1 agreement with the float graph on other random images;
+4. float and int8 latency in onnxruntime (batch 1, 1 intra-op thread,
+   `session.intra_op.allow_spinning` = "0", median of --repeats runs after a warm-up);
+5. `keras_bn.prepare_qat`, one training-mode batch to set the learned ranges, and `to_onnx` of
+   the QAT model;
+6. Keras's own `model.export(path, format="onnx")`: whether it writes a file, whether onnxruntime
+   loads it, its error against Keras, its node counts and the BN arithmetic left in it.
+
+Each architecture runs in its own process with a time limit, smallest first; the results file is
+rewritten after each one. OpenVINO is not run (`openvino=False`): this benchmark is about which
+graphs convert. Untrained networks on random images: the int8 figures say how a graph quantizes,
+not what accuracy a trained model keeps. Writes benchmarks/results/architectures.{json,md}.
+
+    python -m benchmarks.architectures [--models MobileNetV3Small ConvNeXtTiny] [--time-limit 600]
+
+Run from the repository root (TensorFlow backend: tf2onnx needs it).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+import argparse
+import json
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUTPUT_DIR = os.path.join(_HERE, "results")
+# The smallest input each family takes, where it is above the common 32x32.
+INPUT_SIZES = {"Xception": 71, "InceptionV3": 75, "InceptionResNetV2": 75}
+DEFAULT_SIZE = 32
+CLASSES = 10
+STATISTICS_IMAGES = 64
+CALIBRATION_IMAGES = 64
+VALIDATION_IMAGES = 64
+# Normalization arithmetic a graph with every BN folded or frozen holds none of (LayerNorm's own
+# arithmetic aside: ConvNeXt's rows name it).
+NORMALIZATION_OPS = ("BatchNormalization", "Sub", "Div", "Sqrt", "Rsqrt", "Reciprocal")
+
+
+def architectures():
+    """The names of the architectures of the installed Keras (`keras.applications.<Name>`)."""
+    import keras
+
+    return sorted(name for name in dir(keras.applications)
+                  if name[:1].isupper() and callable(getattr(keras.applications, name)))
+
+
+def cpu_facts():
+    """The CPU's model name and whether it has VNNI, from /proc/cpuinfo."""
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model_name": name or platform.processor() or platform.machine(),
+            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
+            "logical_cpus": os.cpu_count()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One architecture, in its own process
+
+
+def _images(count, size, seed):
+    import numpy as np
+
+    return np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype("float32")
+
+
+def _error(error):
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:400]}"
+
+
+def _step(record, key, function):
+    """Run `function`, record its dict (or its error) and seconds under `key`."""
+    start = time.perf_counter()
+    try:
+        record[key] = {"ok": True, **function()}
+    except Exception as error:  # the benchmark records every failure and goes on
+        record[key] = {"ok": False, "error": _error(error)}
+    record[key]["seconds"] = round(time.perf_counter() - start, 2)
+    return record[key]
+
+
+def _graph_facts(path):
+    import onnx
+
+    nodes = onnx.load(path).graph.node
+    counts = {}
+    for node in nodes:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {"nodes": len(nodes), "node_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "normalization_ops": {op: counts[op] for op in NORMALIZATION_OPS if op in counts},
+            "file_size": os.path.getsize(path)}
+
+
+def _session(path, threads=1):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _latency_ms(path, x, repeats):
+    session = _session(path)
+    feed = {session.get_inputs()[0].name: x}
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 3)
+
+
+def run_one(name, work_dir, repeats):
+    """Every step on one architecture; returns its record (a dict)."""
+    import keras
+    import numpy as np
+
+    import export
+    import keras_bn
+
+    size = INPUT_SIZES.get(name, DEFAULT_SIZE)
+    record = {"model": name, "input_size": size}
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                              classes=CLASSES, classifier_activation=None)
+    batchnorms = [layer for layer in model._flatten_layers()
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    record.update(parameters=int(model.count_params()), batchnorms=len(batchnorms))
+    if batchnorms:
+        keras_bn.estimate_population_statistics(model, _images(STATISTICS_IMAGES, size, 1),
+                                                verbose=0)
+    x = _images(3, size, 2)
+    outputs = keras.ops.convert_to_numpy(model(x, training=False))
+    record["output_std_across_inputs"] = float(np.std(outputs, axis=0).mean())
+    calibration = _images(CALIBRATION_IMAGES, size, 3)
+    validation = _images(VALIDATION_IMAGES, size, 4)
+    float_path = os.path.join(work_dir, f"{name}.onnx")
+    int8_path = os.path.join(work_dir, f"{name}.int8.onnx")
+
+    def fold():
+        folded = keras_bn.fold_batchnorm(model)
+        report = folded.fold_report
+        return {"folded": len(report.folded) + len(report.folded_before),
+                "left": len(report.left), "max_error": report.max_error}
+
+    def float_export():
+        result = export.to_onnx(model, float_path, openvino=False)
+        return {"max_error": result.max_error, "bn_folded": len(result.folded),
+                "bn_frozen": len(result.frozen), **_graph_facts(float_path)}
+
+    def int8_export():
+        facts = {}
+        options = dict(quantize="int8", calibration_data=calibration, validation_data=validation,
+                       openvino=False, verbose=0)
+        try:
+            result = export.to_onnx(model, int8_path, **options)
+        except export.VerificationError as error:
+            if "min_agreement" not in str(error):
+                raise
+            # The top-1 guard, on an untrained network's close logits: recorded, then the file
+            # is made with the guard off so that its graph is measured.
+            facts["guard"] = _error(error)
+            result = export.to_onnx(model, int8_path, min_agreement=0, **options)
+        facts.update(target=result.target, **_graph_facts(int8_path))
+        for output in getattr(result.quantization, "outputs", None) or []:
+            agreement = getattr(output, "agreement", None)
+            if agreement is not None:
+                facts["top1_agreement"] = agreement
+        return facts
+
+    def latency():
+        one = _images(1, size, 5)
+        float_ms = _latency_ms(float_path, one, repeats)
+        int8_ms = _latency_ms(int8_path, one, repeats)
+        return {"float_ms": float_ms, "int8_ms": int8_ms, "int8_over_float": round(
+            int8_ms / float_ms, 3)}
+
+    def qat_export():
+        qat = keras_bn.prepare_qat(model)
+        qat(calibration[:32], training=True)  # sets the learned input ranges
+        path = os.path.join(work_dir, f"{name}.qat.onnx")
+        result = export.to_onnx(qat, path, openvino=False)
+        return {"qat_layers": len(result.qat_layers), "max_error_steps": result.max_error_steps,
+                "beyond_one_step": result.beyond_one_step, **_graph_facts(path)}
+
+    def keras_export():
+        path = os.path.join(work_dir, f"{name}.keras_export.onnx")
+        try:
+            model.export(path, format="onnx", verbose=False)
+        except TypeError:  # a Keras without the verbose argument
+            model.export(path, format="onnx")
+        facts = _graph_facts(path)
+        try:
+            session = _session(path)
+        except Exception as error:
+            return {"loads": False, "load_error": _error(error), **facts}
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        error = float(np.max(np.abs(got - outputs)) / max(1.0, np.max(np.abs(outputs))))
+        return {"loads": True, "max_error": error, **facts}
+
+    _step(record, "fold", fold) if batchnorms else record.update(fold={"ok": True, "folded": 0,
+                                                                         "left": 0})
+    _step(record, "float", float_export)
+    _step(record, "int8", int8_export)
+    if record["float"]["ok"] and record["int8"]["ok"]:
+        _step(record, "latency", latency)
+    _step(record, "qat", qat_export)
+    _step(record, "keras_export", keras_export)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _run_in_process(name, work_dir, repeats, time_limit):
+    out = os.path.join(work_dir, f"{name}.json")
+    command = [sys.executable, "-m", "benchmarks.architectures", "--one", name,
+               "--work-dir", work_dir, "--repeats", str(repeats)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True, text=True)
+    try:
+        _, stderr = process.communicate(timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return {"model": name, "process": f"killed at the time limit of {time_limit} s"}
+    seconds = round(time.perf_counter() - start, 1)
+    if process.returncode != 0 or not os.path.exists(out):
+        tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
+        return {"model": name, "process": f"exit status {process.returncode}: {tail}",
+                "seconds": seconds}
+    with open(out) as file:
+        record = json.load(file)
+    record["seconds"] = seconds
+    return record
+
+
+def _ok(record, key):
+    return bool(record.get(key, {}).get("ok"))
+
+
+def markdown(results):
+    cpu = results["cpu"]
+    lines = [
+        "# Breadth benchmark: keras.applications through keras-bn's export",
+        "",
+        f"`python -m benchmarks.architectures` on {cpu['model_name']} "
+        f"(avx512_vnni: {cpu['avx512_vnni']}, avx_vnni: {cpu['avx_vnni']}), Keras "
+        f"{results['versions']['keras']}, TensorFlow {results['versions']['tensorflow']}, "
+        f"tf2onnx {results['versions']['tf2onnx']}, onnxruntime "
+        f"{results['versions']['onnxruntime']}. weights=None, {CLASSES} classes, logits; BN "
+        "statistics estimated on random images; each model in its own process "
+        f"(time limit {results['time_limit_s']} s). Latency: onnxruntime, batch 1, 1 thread.",
+        "",
+        "| model | input | BN | folded | float: nodes, MiB, error | BN ops left | int8: nodes, "
+        "MiB | int8/float latency | QAT export | Keras's export |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in results["models"]:
+        name = record["model"]
+        if "process" in record:
+            lines.append(f"| {name} | | | | {record['process']} | | | | | |")
+            continue
+        fold, flt, int8 = record["fold"], record["float"], record["int8"]
+        folded = (f"{fold.get('folded', 0)}/{record['batchnorms']}" if fold["ok"]
+                  else f"error: {fold['error'][:80]}")
+        if flt["ok"]:
+            float_cell = (f"{flt['nodes']}, {flt['file_size'] / 2**20:.1f}, "
+                          f"{flt['max_error']:.1e}")
+            left = ", ".join(f"{op} {n}" for op, n in flt["normalization_ops"].items()) or "none"
+        else:
+            float_cell, left = f"refused: {flt['error'][:160]}", ""
+        int8_cell = (f"{int8['nodes']}, {int8['file_size'] / 2**20:.1f}" if int8["ok"]
+                     else f"refused: {int8['error'][:160]}")
+        if int8.get("guard"):
+            int8_cell += f" (guard off: top-1 agreement {int8.get('top1_agreement', 0):.0%})"
+        speed = record.get("latency", {})
+        speed_cell = (f"{speed['int8_over_float']:.2f} ({speed['int8_ms']:.1f} / "
+                      f"{speed['float_ms']:.1f} ms)" if speed.get("ok") else "")
+        qat = record["qat"]
+        qat_cell = (f"{qat['qat_layers']} layers, {qat['max_error_steps']:.2f} steps max, "
+                    f"{qat['beyond_one_step']:.1%} beyond one"
+                    if qat["ok"] and qat.get("max_error_steps") is not None
+                    else "ok" if qat["ok"] else f"refused: {qat['error'][:120]}")
+        keras_export = record["keras_export"]
+        if not keras_export["ok"]:
+            keras_cell = f"fails: {keras_export['error'][:120]}"
+        elif not keras_export["loads"]:
+            keras_cell = f"writes a file onnxruntime refuses: {keras_export['load_error'][:120]}"
+        else:
+            bn = ", ".join(f"{op} {n}" for op, n in keras_export["normalization_ops"].items())
+            keras_cell = (f"ok, {keras_export['nodes']} nodes, error "
+                          f"{keras_export['max_error']:.1e}" + (f", {bn}" if bn else ""))
+        lines.append(f"| {name} | {record['input_size']} | {record['batchnorms']} | {folded} | "
+                     f"{float_cell} | {left} | {int8_cell} | {speed_cell} | {qat_cell} | "
+                     f"{keras_cell} |")
+    lines += ["", "## Exceptions", ""]
+    exceptions = []
+    for record in results["models"]:
+        name = record["model"]
+        if "process" in record:
+            exceptions.append(f"- {name}: not measured ({record['process']}).")
+            continue
+        keras_ok = _ok(record, "keras_export") and record["keras_export"].get("loads")
+        for key, what in (("float", "float export"), ("int8", "int8 export"),
+                          ("qat", "QAT export")):
+            if not _ok(record, key):
+                exceptions.append(f"- {name}, {what} (Keras's export "
+                                  f"{'loads' if keras_ok else 'does not load'}): "
+                                  f"{record[key]['error']}")
+    lines += exceptions or ["None: every architecture exported float, int8 and QAT."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", help="architecture names (default: every one)")
+    parser.add_argument("--time-limit", type=int, default=600, help="seconds per architecture")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        record = run_one(args.one, args.work_dir, args.repeats)
+        with open(os.path.join(args.work_dir, f"{args.one}.json"), "w") as file:
+            json.dump(record, file, indent=1, default=float)
+        return 0
+
+    import keras
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    names = args.models or architectures()
+    # Smallest first: a run cut short still covers the most architectures.
+    sizes = {}
+    for name in names:
+        model = getattr(keras.applications, name)(
+            weights=None, input_shape=(INPUT_SIZES.get(name, DEFAULT_SIZE),) * 2 + (3,),
+            classes=CLASSES)
+        sizes[name] = model.count_params()
+        keras.backend.clear_session()
+    names = sorted(names, key=sizes.get)
+    results = {
+        "cpu": cpu_facts(),
+        "versions": {"keras": keras.__version__, "tensorflow": tf.__version__,
+                     "tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "time_limit_s": args.time_limit, "models": [],
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="architectures.") as work_dir:
+        for name in names:
+            record = _run_in_process(name, work_dir, args.repeats, args.time_limit)
+            results["models"].append(record)
+            with open(os.path.join(args.output_dir, "architectures.json"), "w") as file:
+                json.dump(results, file, indent=1, default=float)
+            with open(os.path.join(args.output_dir, "architectures.md"), "w") as file:
+                file.write(markdown(results))
+            print(f"{name}: {record.get('process') or 'done'} "
+                  f"({record.get('seconds', '?')} s)", flush=True)
+            for path in os.listdir(work_dir):  # the next model needs the disk, not these files
+                os.unlink(os.path.join(work_dir, path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
