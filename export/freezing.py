@@ -296,8 +296,9 @@ class _GroupsAsSplits:
     Keras runs a grouped convolution in TensorFlow through a `jit_compile` function (TensorFlow's
     CPU kernel lacks groups), which stays a `StatefulPartitionedCall` tf2onnx cannot convert. The
     per-group convolutions take the same kernel, split along its output channels, and compute the
-    same sums; `export.graph_passes.concatenated_convolutions_to_grouped_convolution` joins them
-    into one ONNX `Conv` with `group` again.
+    same sums. The ONNX graph holds a `Split`, one `Conv` per group and a `Concat` (a graph pass
+    that joins them into one `Conv` with `group` is yet to be written); a grouped convolution of
+    one channel per group becomes a depthwise convolution instead (`_convertible_copy`).
     """
 
     def convolution_op(self, inputs, kernel):
