@@ -169,7 +169,7 @@ MISTAKES = [
     # int8: options that do not go together, and data files refused before the model is read.
     (["MODEL", "--int8"], "--int8 needs --calibration DATA"),
     (["MODEL", "--calibration", "x.npy"], "--calibration only goes with --int8"),
-    (["MODEL", "--min-agreement", "0.5"], "--min-agreement only go with --int8"),
+    (["MODEL", "--min-agreement", "0.5"], "--min-agreement only goes with --int8"),
     (["MODEL", "--int8", "--calibration", "x.npy", "--float16-weights"],
      "--float16-weights does not go with --int8"),
     (["MODEL", "--int8", "--calibration", "x.npy", "--min-agreement", "1.5"],
