@@ -126,7 +126,7 @@ def prepare_qat(model, weight_bits="auto", activation_bits=8, target=DEFAULT_TAR
             conv, bn = layer, fused[id(layer)]
             new_layer = _fused_layer(conv, bn, weight_bits, activation_bits, target)
         else:
-            new_layer = layer.__class__.from_config(layer.get_config())
+            new_layer = folding_graph.copy_operation(layer)
         clones.append((layer, new_layer))
         return new_layer
 

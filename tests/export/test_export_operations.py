@@ -111,8 +111,9 @@ def test_int8_export_of_operations(model, tmp_path):
 
 def test_qat_export_of_operations(tmp_path, randomize):
     keras.utils.set_random_seed(0)
-    # prepare_qat copies a Lambda from its config, which Keras refuses outside safe_mode=False.
-    qat = keras_bn.prepare_qat(randomize(operations_model(with_lambda=False)))
+    # prepare_qat copies a Lambda around its function (keras_bn.folding.graph.copy_operation):
+    # from its config, Keras would refuse it outside safe_mode=False.
+    qat = keras_bn.prepare_qat(randomize(operations_model()))
     qat.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     x = images(64, seed=5)
     qat.fit(x, np.random.default_rng(5).integers(0, 5, len(x)), batch_size=16, epochs=1,
