@@ -124,3 +124,9 @@ def qat_target(layers, requested):
             f"target), or prepare and train it again with keras_bn.prepare_qat(model, "
             f"target='{requested}')")
     return targets.get(name)
+
+
+def check_tolerance(tolerance):
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(
+            tolerance, (int, float)) or not tolerance > 0):
+        raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")

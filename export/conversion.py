@@ -187,3 +187,22 @@ def check_graph(proto):
 def one_line(error):
     text = " ".join(str(error).split())
     return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
+
+
+def graph_interface(model, input_names, output_names, channels_first):
+    """`(input specs, output names, names of the inputs written NCHW)` of `model`'s graph, each
+    name checked: unique, inputs and outputs distinct, `channels_first` only with an image
+    input."""
+    inputs = input_specs(model, input_names)
+    output_names = output_names_of(model, output_names)
+    clashes = sorted({spec.name for spec in inputs} & set(output_names))
+    if clashes:
+        raise ValueError(f"input and output names must differ. Received both: {clashes}")
+    nchw = [spec.name for spec in inputs if channels_first and len(spec.shape) == 4]
+    if channels_first and not nchw:
+        raise ValueError(
+            "channels_first=True transposes rank-4 (image) inputs to NCHW, but this model has "
+            f"none. Received input shapes: {[tuple(spec.shape) for spec in inputs]}"
+        )
+    check_size(model)
+    return inputs, output_names, nchw

@@ -5,6 +5,7 @@ the `onnx` package that tf2onnx and this module import.
 """
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -279,97 +280,55 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     arguments.check_quantization_options(quantize, calibration_data, validation_data,
                                          float16_weights, calibration_method,
                                          calibration_batches, min_agreement, target, openvino)
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(
-            tolerance, (int, float)) or not tolerance > 0):
-        raise ValueError(f"tolerance must be a positive number. Received: tolerance={tolerance!r}")
+    arguments.check_tolerance(tolerance)
     path = arguments.check_output_path(path)
-    if isinstance(model, (str, os.PathLike)):
-        if os.path.abspath(os.fspath(model)) == path:
-            raise ValueError(f"the output path is the model file itself: {path}")
-        logger.info("to_onnx: loading %s", os.fspath(model))
-        model = load_model(model)
-    verification.check_graph_model(model, "to_onnx()")
+    model = _model(model, path)
     qat_layers = arguments.qat_layers(model)
     int8_target = _int8_target(qat_layers, quantize, target, float16_weights)
     if tolerance is None:
         tolerance = verification.default_tolerance(model, half_precision=float16_weights)
-    inputs = conversion.input_specs(model, input_names)
-    output_names = conversion.output_names_of(model, output_names)
-    clashes = sorted({spec.name for spec in inputs} & set(output_names))
-    if clashes:
-        raise ValueError(f"input and output names must differ. Received both: {clashes}")
-    nchw = [spec.name for spec in inputs if channels_first and len(spec.shape) == 4]
-    if channels_first and not nchw:
-        raise ValueError(
-            "channels_first=True transposes rank-4 (image) inputs to NCHW, but this model has "
-            f"none. Received input shapes: {[tuple(spec.shape) for spec in inputs]}"
-        )
-    conversion.check_size(model)
+    inputs, output_names, nchw = conversion.graph_interface(model, input_names, output_names,
+                                                            channels_first)
     if quantize is not None:  # a mistake in the data fails here, before minutes of conversion
-        described = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
-        quantization.check_data(calibration_data, described, max_batches=calibration_batches,
-                                argument="calibration_data")
-        if validation_data is not None:
-            quantization.check_data(validation_data, described, max_batches=None,
-                                    argument="validation_data")
-    use_openvino = openvino is True or (openvino == "auto" and runtimes.openvino_installed())
-
-    logger.info("to_onnx: freezing '%s'", model.name)
-    frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
-    logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
-    proto = conversion.convert(frozen, inputs, output_names, opset, nchw)
-    graph_passes = optimize(proto, _passes(quantize, qat_layers))
-    if float16_weights:
-        store_weights_as_float16(proto)
-    conversion.check_graph(proto)
-    data = proto.SerializeToString()
-
-    runs = keras_comparison.verification_runs(inputs, batch_sizes, dynamic_sizes)
-    if qat_layers:
-        runs.append((QAT_VERIFICATION_BATCH, runs[0][1]))
-    max_error, steps, beyond, runtime_checks, keras_runs = None, None, None, [], []
-    if verify:
-        logger.info("to_onnx: verifying at %s", keras_comparison.describe_runs(runs))
-        keras_runs = keras_comparison.keras_runs(model, inputs, output_names, nchw, runs, seed)
-        if qat_layers:
-            max_error, steps, beyond, meanings = keras_comparison.verify_in_steps(
-                data, keras_runs, output_names)
-            quantization.check_target_rules(proto, int8_target)
-            runtime_checks = runtimes.check(
-                data, [run.feed for run in keras_runs], output_names, int8_target,
-                cpu_has_vnni=quantization.cpu_has_vnni(), openvino=openvino, reference=meanings)
-        else:
-            max_error = keras_comparison.verify_float(data, keras_runs, output_names, tolerance,
-                                                      use_openvino)
-            if use_openvino and quantize is None:
-                runtime_checks = [runtimes.RuntimeCheck(
-                    "openvino", True, f"float, within {tolerance:g} of Keras like onnxruntime")]
-    elif qat_layers:
-        quantization.check_target_rules(proto, int8_target)
-    report = None
-    if quantize == "int8":
-        logger.info("to_onnx: quantizing to int8 for target '%s' (%s calibration)",
-                    int8_target.name, calibration_method)
-        proto, report = quantization.quantize_int8(
-            proto, calibration_data, target=int8_target, method=calibration_method,
-            max_batches=calibration_batches, validation_data=validation_data,
-            min_agreement=min_agreement, openvino=openvino, channels_first_inputs=nchw,
-            verbose=verbose,
-        )
-        proto.producer_name = "keras-bn export (tf2onnx, onnxruntime.quantization)"
+        quantization.check_inputs(calibration_data, validation_data, inputs, calibration_batches)
+    with _documented_errors():
+        logger.info("to_onnx: freezing '%s'", model.name)
+        frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
+        logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
+        proto = conversion.convert(frozen, inputs, output_names, opset, nchw)
+        graph_passes = optimize(proto, _passes(quantize, qat_layers))
+        if float16_weights:
+            store_weights_as_float16(proto)
         conversion.check_graph(proto)
-        keras_comparison.check_runs(proto.SerializeToString(), keras_runs, output_names)
-        runtime_checks = report.runtimes
-    elif qat_layers:
-        targets_module.set_metadata(proto, targets_module.metadata(
-            int8_target, quantization._version()))
-    data = proto.SerializeToString()
+        runs = keras_comparison.verification_runs(inputs, batch_sizes, dynamic_sizes)
+        if qat_layers:
+            runs.append((QAT_VERIFICATION_BATCH, runs[0][1]))
+        verified = _verify(model, proto, inputs, output_names, nchw, runs, verify, seed,
+                           tolerance, openvino, int8_target if qat_layers else None)
+        report = None
+        if quantize == "int8":
+            logger.info("to_onnx: quantizing to int8 for target '%s' (%s calibration)",
+                        int8_target.name, calibration_method)
+            proto, report = quantization.quantize_int8(
+                proto, calibration_data, target=int8_target, method=calibration_method,
+                max_batches=calibration_batches, validation_data=validation_data,
+                min_agreement=min_agreement, openvino=openvino, channels_first_inputs=nchw,
+                verbose=verbose,
+            )
+            proto.producer_name = "keras-bn export (tf2onnx, onnxruntime.quantization)"
+            conversion.check_graph(proto)
+            keras_comparison.check_runs(proto.SerializeToString(), verified.runs, output_names)
+            verified.runtimes = report.runtimes
+        elif qat_layers:
+            targets_module.set_metadata(proto, targets_module.metadata(
+                int8_target, quantization.package_version()))
+        data = proto.SerializeToString()
     _write_atomically(data, path)
     freeze_report = frozen.freeze_report
     result = ExportResult(
         path=path, opset=opset,
         node_counts=dict(collections.Counter(n.op_type for n in proto.graph.node).most_common()),
-        max_error=max_error,
+        max_error=verified.max_error,
         batch_sizes=batch_sizes if verify else (),
         input_names=[spec.name for spec in inputs], output_names=list(output_names),
         channels_first=bool(channels_first), float16_weights=bool(float16_weights),
@@ -382,12 +341,77 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
                       for value in proto.graph.input],
         quantization=report,
         qat_layers=list(freeze_report.quantized),
-        max_error_steps=steps, beyond_one_step=beyond,
+        max_error_steps=verified.steps, beyond_one_step=verified.beyond,
         target=None if int8_target is None else int8_target.name,
-        runtimes=runtime_checks,
+        runtimes=verified.runtimes,
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
+
+
+def _model(model, path):
+    """`model`, loaded when it is a path (not the output path), checked for a graph."""
+    if isinstance(model, (str, os.PathLike)):
+        if os.path.abspath(os.fspath(model)) == path:
+            raise ValueError(f"the output path is the model file itself: {path}")
+        logger.info("to_onnx: loading %s", os.fspath(model))
+        model = load_model(model)
+    verification.check_graph_model(model, "to_onnx()")
+    return model
+
+
+@dataclasses.dataclass
+class _Verified:
+    """What `_verify` measured: the float graph's (or a QAT graph's) error against Keras, the
+    runs it was measured on, and the runtime checks."""
+
+    max_error: float = None
+    steps: float = None
+    beyond: float = None
+    runs: list = dataclasses.field(default_factory=list)
+    runtimes: list = dataclasses.field(default_factory=list)
+
+
+def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolerance, openvino,
+            qat_target):
+    """The converted graph against Keras: a float graph to `tolerance` in onnxruntime (and
+    OpenVINO); a QAT graph (`qat_target` given) in quantization steps by its meaning, then its
+    target's rules and runtimes."""
+    data = proto.SerializeToString()
+    if not verify:
+        if qat_target is not None:
+            quantization.check_target_rules(proto, qat_target)
+        return _Verified()
+    logger.info("to_onnx: verifying at %s", keras_comparison.describe_runs(runs))
+    keras_runs = keras_comparison.keras_runs(model, inputs, output_names, nchw, runs, seed)
+    if qat_target is None:
+        use_openvino = openvino is True or (openvino == "auto" and runtimes.openvino_installed())
+        max_error = keras_comparison.verify_float(data, keras_runs, output_names, tolerance,
+                                                  use_openvino)
+        checks = [runtimes.RuntimeCheck("openvino", True, f"float, within {tolerance:g} of "
+                                        "Keras like onnxruntime")] if use_openvino else []
+        return _Verified(max_error, runs=keras_runs, runtimes=checks)
+    max_error, steps, beyond, meanings = keras_comparison.verify_in_steps(
+        data, keras_runs, output_names)
+    quantization.check_target_rules(proto, qat_target)
+    checks = runtimes.check(data, [run.feed for run in keras_runs], output_names, qat_target,
+                            cpu_has_vnni=quantization.cpu_has_vnni(), openvino=openvino,
+                            reference=meanings)
+    return _Verified(max_error, steps, beyond, keras_runs, checks)
+
+
+@contextlib.contextmanager
+def _documented_errors():
+    """Lets the errors `to_onnx` documents through, and turns any other exception of a library
+    (Keras, TensorFlow, tf2onnx, onnx, onnxruntime, OpenVINO) into a `ValueError` that names it:
+    a caller handles one set of errors."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, RuntimeError, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        raise ValueError(f"export failed: {type(error).__name__} in "
+                         f"{type(error).__module__}: {conversion.one_line(error)}") from error
 
 
 def _int8_target(qat_layers, quantize, target, float16_weights):

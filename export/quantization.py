@@ -317,7 +317,7 @@ def quantize_int8(float_model, calibration_data, *, target=targets.DEFAULT_TARGE
                                      cpu_has_vnni=vnni, openvino=openvino,
                                      reference=[meaning for _, meaning in sample])
     report.seconds = time.perf_counter() - start
-    targets.set_metadata(int8_proto, targets.metadata(target, _version()))
+    targets.set_metadata(int8_proto, targets.metadata(target, package_version()))
     logger.info("quantize_int8: %s", report.summary().replace("\n", "; "))
     return (int8_proto.SerializeToString() if as_bytes else int8_proto), report
 
@@ -368,10 +368,21 @@ def _quantize(proto, calibration, target, method):
         return onnx.load(int8_path)
 
 
-def _version():
+def package_version():
+    """keras-bn's version, as the files it writes record it."""
     from export.__main__ import version
 
     return version()
+
+
+def check_inputs(calibration_data, validation_data, inputs, calibration_batches):
+    """Checks calibration and validation data against the graph's `inputs` (`InputSpec`s,
+    NHWC) before the graph exists, so that a mistake fails in a second."""
+    described = [(spec.name, spec.shape, spec.dtype) for spec in inputs]
+    check_data(calibration_data, described, max_batches=calibration_batches,
+               argument="calibration_data")
+    if validation_data is not None:
+        check_data(validation_data, described, max_batches=None, argument="validation_data")
 
 
 def cpu_has_vnni():

@@ -385,3 +385,13 @@ def test_a_wrong_dynamic_size_fails_verification(tmp_path, randomize, monkeypatc
                                                        r"unknown dimensions 64\)"):
         export.to_onnx(model, tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexpected_library_error_leaves_as_a_documented_one(model, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("unk__3")  # what a converter's internal lookup might raise
+
+    monkeypatch.setattr(conversion, "convert", broken)
+    with pytest.raises(ValueError, match=r"export failed: KeyError in builtins: 'unk__3'"):
+        export.to_onnx(model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
