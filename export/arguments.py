@@ -110,6 +110,7 @@ def qat_target(layers, requested):
         name = getattr(layer, "target", None)
         if name is None:
             fits = [t for t in targets.TARGETS.values() if t.qat_weight_bits is not None
+                    and not t.symmetric_activations
                     and (layer.weight_bits or 0) <= t.qat_weight_bits]
             name = fits[0].name if fits else "cpu-vnni"
         trained.add(name)

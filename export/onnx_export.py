@@ -296,7 +296,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
         logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
         proto = conversion.convert(frozen, inputs, output_names, opset, nchw)
-        graph_passes = optimize(proto, _passes(quantize, qat_layers))
+        graph_passes = optimize(proto, _passes(quantize, qat_layers and int8_target))
         if float16_weights:
             store_weights_as_float16(proto)
         conversion.check_graph(proto)
@@ -435,13 +435,15 @@ def _int8_target(qat_layers, quantize, target, float16_weights):
     return targets_module.get(target or targets_module.DEFAULT_TARGET)
 
 
-def _passes(quantize, qat_layers):
+def _passes(quantize, qat_target):
     # onnxruntime quantizes a GlobalAveragePool (QLinearGlobalAveragePool) but leaves the
     # ReduceMean that the float graph is faster with in float: an int8 graph keeps the pool.
     passes = EXACT_PASSES if quantize is None else tuple(
         p for p in EXACT_PASSES if p is not global_average_pool_and_squeeze_to_reduce_mean)
-    if qat_layers:
+    if qat_target:
         passes = (*passes, qdq_passes.weights_to_int8)
+        if qat_target.symmetric_activations:
+            passes = (*passes, qdq_passes.activations_to_int8)
     return passes
 
 

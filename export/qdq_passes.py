@@ -180,3 +180,59 @@ def _dequantized(graph, new_nodes, name, integers, steps, axis, zero_points):
         [output], axis=axis, name=f"{name}_DequantizeLinear",
     ))
     return output
+
+
+def activations_to_int8(proto):
+    """Writes the uint8 quantize-dequantize pairs whose zero point is 128 as int8 pairs with
+    zero point 0.
+
+    Precondition, per node: a QuantizeLinear or DequantizeLinear whose zero point is a uint8
+    initializer equal to 128 (what TensorFlow's fake quantization over a `keras_bn` QAT layer's
+    symmetric range, `activation_range(..., symmetric=True)`, converts to). `q_u8 - 128` over
+    `[0, 255]` and `q_s8 - 0` over `[-128, 127]` are the same grid, so the graph computes the same
+    values; TensorRT takes only the second. The value_info of the integer tensors that change
+    type is dropped (shape inference restores it).
+
+    Args:
+        proto: an `onnx.ModelProto`, changed in place.
+
+    Returns:
+        `{"QuantizeLinear uint8->int8": n, "DequantizeLinear uint8->int8": m}` of the nodes
+        rewritten, or `{}`.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    shifted = {}
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zero_point = initializers.get(node.input[2])
+        if (zero_point is None or zero_point.data_type != TensorProto.UINT8
+                or not np.all(numpy_helper.to_array(zero_point) == 128)):
+            continue
+        shifted.setdefault(node.input[2], []).append(node)
+    if not shifted:
+        return {}
+    counts = {}
+    retyped = set()
+    for name, nodes in shifted.items():
+        users = readers[name]
+        if any(user not in nodes for user in users):
+            continue  # the zero point feeds something else too: leave it
+        values = numpy_helper.to_array(initializers[name])
+        initializers[name].CopyFrom(numpy_helper.from_array(np.zeros(values.shape, np.int8), name))
+        for node in nodes:
+            key = f"{node.op_type} uint8->int8"
+            counts[key] = counts.get(key, 0) + 1
+            if node.op_type == "QuantizeLinear":
+                retyped.add(node.output[0])
+    kept = [value for value in graph.value_info if value.name not in retyped]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return counts

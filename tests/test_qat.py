@@ -657,3 +657,20 @@ class LayerTest(layer_test_case()):
             expected_num_losses=0,
             supports_masking=False,
         )
+
+
+def test_symmetric_activation_grid_is_signed_with_zero_point_zero():
+    """The tensorrt target's input grid: step max(|min|, |max|) / 127, codes -128..127."""
+    from keras_bn.quantization import fake_quantization
+
+    low, high = fake_quantization.activation_range(
+        keras.ops.convert_to_tensor(-0.5), keras.ops.convert_to_tensor(2.54), 8, symmetric=True)
+    step = 2.54 / 127
+    np.testing.assert_allclose([float(low), float(high)], [-128 * step, 127 * step], rtol=1e-6)
+    # values a quarter step off the grid's midpoints: no tie for float rounding to decide
+    x = ((np.arange(-240, 240) + 0.25) * step).astype("float32")
+    got = keras.ops.convert_to_numpy(fake_quantization.fake_quantize_activations(
+        x, -0.5, 2.54, 8, symmetric=True))
+    codes = np.clip(np.round(x / np.float32(step)), -128, 127)
+    np.testing.assert_allclose(got, codes * step, atol=1e-6)
+    assert got.min() == pytest.approx(-128 * step) and got.max() == pytest.approx(127 * step)

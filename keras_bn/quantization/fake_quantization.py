@@ -18,6 +18,8 @@ from keras import ops, quantizers
 # A channel whose weights are all zero has range [0, 0]; a tiny range keeps the quantization
 # step finite there (its weights stay exactly zero) rather than dividing by zero.
 _TINY_RANGE = 1e-12
+# The int8 deployment targets whose activations are signed with zero point 0.
+SYMMETRIC_ACTIVATION_TARGETS = frozenset({"tensorrt"})
 
 
 def fake_quantize_kernel(kernel, num_bits, axis=-1):
@@ -52,9 +54,11 @@ def fake_quantize_kernel(kernel, num_bits, axis=-1):
     return ops.stop_gradient(quantized) + (kernel - ops.stop_gradient(kernel))
 
 
-def fake_quantize_activations(x, minimum, maximum, num_bits):
+def fake_quantize_activations(x, minimum, maximum, num_bits, symmetric=False):
     """`x` rounded to the asymmetric unsigned per-tensor grid of `num_bits` over
-    `[min(minimum, 0), max(maximum, 0)]`, as floats.
+    `[min(minimum, 0), max(maximum, 0)]`, as floats; with `symmetric`, to the signed grid
+    `-2^(b-1) .. 2^(b-1) - 1` of step `max(|minimum|, |maximum|) / (2^(b-1) - 1)` and zero
+    point 0 (`activation_range`).
 
     `scale = (max - min) / (2^b - 1)`, `zero_point = round(-min / scale)`,
     `q = (clip(round(x / scale) + zero_point, 0, 2^b - 1) - zero_point) * scale`: onnxruntime's
@@ -67,12 +71,14 @@ def fake_quantize_activations(x, minimum, maximum, num_bits):
         x: float tensor.
         minimum, maximum: float scalars, the range.
         num_bits: integer from 2 to 16.
+        symmetric: the signed grid with zero point 0 (TensorRT's int8 activations).
 
     Returns:
         A tensor like `x`; its gradient is the identity inside the range and 0 outside.
     """
     minimum, maximum = activation_range(ops.stop_gradient(ops.cast(minimum, "float32")),
-                                        ops.stop_gradient(ops.cast(maximum, "float32")))
+                                        ops.stop_gradient(ops.cast(maximum, "float32")),
+                                        num_bits, symmetric)
     keras_rounded = quantizers.fake_quant_with_min_max_vars(
         x, minimum, maximum, num_bits=num_bits, narrow_range=False
     )
@@ -84,9 +90,19 @@ def fake_quantize_activations(x, minimum, maximum, num_bits):
     return keras_rounded + ops.stop_gradient(onnx_rounded - keras_rounded)
 
 
-def activation_range(minimum, maximum):
+def activation_range(minimum, maximum, num_bits=8, symmetric=False):
     """The activation grid's range for a learned `[minimum, maximum]` (float32 tensors): widened
-    to hold 0, and at least `_TINY_RANGE` wide."""
+    to hold 0, and at least `_TINY_RANGE` wide.
+
+    With `symmetric`, the range of the signed grid with zero point 0 that holds both:
+    `[-2^(b-1) * step, (2^(b-1) - 1) * step]` with `step = max(|minimum|, |maximum|) /
+    (2^(b-1) - 1)`. Its unsigned form has zero point `2^(b-1)` exactly, which is the signed grid
+    shifted: what a uint8 QuantizeLinear with zero point 128 and an int8 one with zero point 0
+    compute alike (`export.qdq_passes.activations_to_int8` writes the latter)."""
     minimum = ops.minimum(minimum, 0.0)
     maximum = ops.maximum(maximum, 0.0)
+    if symmetric:
+        levels = 2.0 ** (num_bits - 1) - 1.0
+        step = ops.maximum(ops.maximum(-minimum, maximum), _TINY_RANGE) / levels
+        return -(levels + 1.0) * step, levels * step
     return minimum, ops.maximum(maximum, minimum + _TINY_RANGE)

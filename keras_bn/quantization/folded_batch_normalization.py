@@ -58,8 +58,9 @@ class FoldedBatchNormalization(keras.layers.Layer):
         activation_bits: bits of the input's integer grid (2 to 16), or `None` for a float input.
         activation_momentum: momentum of the moving input range.
         target: the int8 deployment target whose grid the layer trains on (`"cpu"`,
-            `"cpu-vnni"`; `keras_bn.prepare_qat` sets it and export writes the file for it), or
-            `None` when not said.
+            `"cpu-vnni"`, `"tensorrt"`, whose activation grid is signed with zero point 0;
+            `keras_bn.prepare_qat` sets it and export writes the file for it), or `None` when
+            not said.
         **kwargs: base layer keyword arguments (`name`, `dtype`, ...).
 
     Weights, in order: `kernel`, `bias` (with `use_bias`), `gamma` (with `scale`), `beta` (with
@@ -166,8 +167,14 @@ class FoldedBatchNormalization(keras.layers.Layer):
         maximum = ops.cast(self.input_max, "float32")
         if not ops.convert_to_numpy(ops.logical_or(minimum != 0.0, maximum != 0.0)):
             return None
-        low, high = fake_quantization.activation_range(minimum, maximum)
+        low, high = fake_quantization.activation_range(
+            minimum, maximum, self.activation_bits, self.symmetric_activations)
         return float(ops.convert_to_numpy(low)), float(ops.convert_to_numpy(high))
+
+    @property
+    def symmetric_activations(self):
+        """Whether the input's grid is signed with zero point 0 (the `tensorrt` target)."""
+        return self.target in fake_quantization.SYMMETRIC_ACTIVATION_TARGETS
 
     def build(self, input_shape):
         self.channels = self.build_kernel(input_shape)
@@ -296,17 +303,18 @@ class FoldedBatchNormalization(keras.layers.Layer):
             self.input_min.assign(minimum)
             self.input_max.assign(maximum)
             quantized = fake_quantization.fake_quantize_activations(
-                x, minimum, maximum, self.activation_bits
+                x, minimum, maximum, self.activation_bits, self.symmetric_activations
             )
             return quantized, self._input_step(minimum, maximum)
         quantized = fake_quantization.fake_quantize_activations(
-            x, minimum, maximum, self.activation_bits
+            x, minimum, maximum, self.activation_bits, self.symmetric_activations
         )
         step = ops.where(seen, self._input_step(minimum, maximum), 0.0)
         return ops.where(seen, quantized, x), step
 
     def _input_step(self, minimum, maximum):
-        low, high = fake_quantization.activation_range(minimum, maximum)
+        low, high = fake_quantization.activation_range(
+            minimum, maximum, self.activation_bits, self.symmetric_activations)
         return (high - low) / (2.0**self.activation_bits - 1.0)
 
     def _quantize_bias(self, bias, kernel, input_step):

@@ -39,8 +39,9 @@ _FUSED = {
 }
 # The widest kernel grid QAT trains for each int8 deployment target (`export.targets`): "cpu"
 # keeps weight integers within +-63, so that the 16-bit pair sums of onnxruntime's x86 kernels
-# without VNNI (at most 2 * 255 * 64) cannot saturate; "cpu-vnni" uses all 8 bits.
-TARGET_WEIGHT_BITS = {"cpu": 7, "cpu-vnni": 8}
+# without VNNI (at most 2 * 255 * 64) cannot saturate; "cpu-vnni" and "tensorrt" (whose
+# activation grids are signed, zero point 0) use all 8 bits.
+TARGET_WEIGHT_BITS = {"cpu": 7, "cpu-vnni": 8, "tensorrt": 8}
 DEFAULT_TARGET = "cpu"
 _BN_ARGUMENTS = (
     "momentum", "epsilon", "center", "scale", "beta_initializer", "gamma_initializer",
@@ -74,10 +75,9 @@ def prepare_qat(model, weight_bits="auto", activation_bits=8, target=DEFAULT_TAR
             `None` for float inputs.
         target: the int8 deployment target the model will be exported for (`export.targets`):
             `"cpu"` (default: 7-bit kernels, integers within +-63, so the file is right on every
-            x86-64 CPU with or without VNNI, ARM and OpenVINO) or `"cpu-vnni"` (8-bit kernels;
-            the file is wrong in onnxruntime on x86 CPUs without VNNI). `"tensorrt"` takes
-            symmetric int8 activations, which the QAT layers do not train: export a float
-            model with `quantize="int8", target="tensorrt"` instead.
+            x86-64 CPU with or without VNNI, ARM and OpenVINO), `"cpu-vnni"` (8-bit kernels;
+            the file is wrong in onnxruntime on x86 CPUs without VNNI) or `"tensorrt"` (8-bit
+            kernels and signed input grids with zero point 0, as TensorRT takes them).
 
     Returns:
         A new, uncompiled Functional model with the same inputs and outputs; the original is
@@ -199,12 +199,6 @@ def _why_not_fused(layer, bn):
 def _check_target(target, weight_bits):
     """`weight_bits` resolved for `target` ("auto": the target's widest grid); ValueError for an
     unknown target or a grid wider than the target keeps."""
-    if target == "tensorrt":
-        raise ValueError(
-            "prepare_qat trains unsigned asymmetric activation grids; TensorRT takes symmetric "
-            "int8 activations only, so no QAT model trains for target 'tensorrt' yet. Use "
-            "target='cpu' or 'cpu-vnni', or export the float model with quantize='int8', "
-            "target='tensorrt' (post-training quantization)")
     if target not in TARGET_WEIGHT_BITS:
         raise ValueError(f"unknown int8 target {target!r}; prepare_qat trains for "
                          f"{', '.join(repr(name) for name in TARGET_WEIGHT_BITS)}")

@@ -307,10 +307,59 @@ def test_prepare_qat_refuses_grids_its_target_cannot_run():
     model = branchy_model()
     with pytest.raises(ValueError, match="target 'cpu' keeps kernel integers within \\+-63"):
         keras_bn.prepare_qat(model, weight_bits=8)
-    with pytest.raises(ValueError, match="TensorRT takes symmetric int8 activations only"):
-        keras_bn.prepare_qat(model, target="tensorrt")
     with pytest.raises(ValueError, match="unknown int8 target 'arm'"):
         keras_bn.prepare_qat(model, target="arm")
     layer = keras_bn.prepare_qat(model, weight_bits=4).get_layer("stem")
     assert (layer.weight_bits, layer.target) == (4, "cpu")
     assert layer.get_config()["target"] == "cpu"
+
+
+def test_qat_for_tensorrt_writes_signed_activations_with_zero_point_0(tmp_path):
+    model = trained_qat_model(target="tensorrt", seed=5)
+    stem = model.get_layer("stem")
+    low, high = stem.input_range()
+    step = (high - low) / 255
+    assert low == pytest.approx(-128 * step) and high == pytest.approx(127 * step)
+    path = tmp_path / "trt.onnx"
+    result = export.to_onnx(model, path)
+    assert result.target == "tensorrt" and result.beyond_one_step <= 0.05
+    assert any(line.startswith("activations_to_int8: QuantizeLinear uint8->int8")
+               for line in result.graph_passes)
+    proto = onnx.load(path)
+    assert targets.check(proto, "tensorrt") == []
+    zero_points = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    activation_zero_points = [zero_points[node.input[2]] for node in proto.graph.node
+                              if node.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(
+        z.dtype == np.int8 and not z.any() for z in activation_zero_points)
+    # signed grids over ReLU outputs use half their codes: more values near a rounding boundary
+    # than on the "cpu" grid, within what export allows (5% beyond one step)
+    x = images(256, seed=6)
+    expected = model(x, training=False).numpy()
+    steps = np.abs(run(path, x) - expected) / quantization_step(expected)
+    assert np.mean(steps > 1.0) <= 0.05
+
+
+def test_activations_to_int8_keeps_what_the_graph_computes():
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05])
+    zero_point = helper.make_tensor("zero_point", TensorProto.UINT8, [], [128])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [scale, zero_point],
+        value_info=[helper.make_tensor_value_info("q", TensorProto.UINT8, [None, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.linspace(-8.0, 8.0, 64, dtype=np.float32).reshape(16, 4)
+    before = _session_run(proto, x)
+    changes = qdq_passes.activations_to_int8(proto)
+    assert changes == {"QuantizeLinear uint8->int8": 1, "DequantizeLinear uint8->int8": 1}
+    onnx.checker.check_model(proto, full_check=True)
+    np.testing.assert_array_equal(_session_run(proto, x), before)  # clipped alike at both ends
+    assert qdq_passes.activations_to_int8(proto) == {}
+
+
+def _session_run(proto, x):
+    session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
