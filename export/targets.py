@@ -51,6 +51,9 @@ class Target:
         needs_vnni: onnxruntime's fused kernels on x86 compute the file's meaning only with VNNI.
         op_types_to_quantize: the operations whose inputs are quantized; `None` for
             onnxruntime's default (every operation it has a quantized form of).
+        openvino_needs_vnni: OpenVINO is only said to compute the file's meaning on CPUs with
+            VNNI: signed activations are unmeasured on CPUs without it, where oneDNN's int8
+            kernels rescale to avoid 16-bit saturation.
         quantize_outputs: whether the outputs of Conv, MatMul and Gemm get their own
             quantize-dequantize pair (onnxruntime's CPU kernels fuse it into QLinearConv);
             TensorRT places pairs on inputs only.
@@ -67,6 +70,7 @@ class Target:
     needs_vnni: bool
     op_types_to_quantize: tuple = None
     quantize_outputs: bool = True
+    openvino_needs_vnni: bool = False
 
     @property
     def qat_weight_bits(self):
@@ -126,7 +130,7 @@ TARGETS = {
                      "onnxruntime and OpenVINO on CPUs with VNNI",
             activation_type="int8", symmetric_activations=True, weight_bound=127,
             needs_vnni=True, op_types_to_quantize=("Conv", "MatMul", "Gemm", "Add"),
-            quantize_outputs=False,
+            quantize_outputs=False, openvino_needs_vnni=True,
         ),
     )
 }

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import export
 from export import runtimes, targets
 from export.__main__ import main
-from export.quantization import quantize_int8
+from export.quantization import cpu_has_vnni, quantize_int8
 from keras_bn.verification import VerificationError
 
 CHANNELS, KERNEL = 8, 3
@@ -164,3 +164,33 @@ def test_agreement_on_constant_scores_is_refused_as_proving_nothing():
         quantize_int8(_constant_classifier(), x, verbose=0)
     _, report = quantize_int8(_constant_classifier(), x, verbose=0, min_agreement=0)
     assert report.outputs[0].constant and report.agreement == 1.0
+
+
+def test_float_files_run_in_openvino_against_keras(model, tmp_path, monkeypatch):
+    result = export.to_onnx(model, tmp_path / "float.onnx", openvino=True)
+    (check,) = result.runtimes
+    assert check.runtime == "openvino" and check.checked and "within 0.001 of Keras" in check.note
+
+    class Wrong(runtimes.OpenVINOSession):
+        def run(self, names, feed):
+            return [2.0 * value for value in super().run(names, feed)]
+
+    monkeypatch.setattr(runtimes, "OpenVINOSession", Wrong)
+    with pytest.raises(VerificationError, match="OpenVINO output '.*' differs from Keras"):
+        export.to_onnx(model, tmp_path / "wrong.onnx", openvino=True)
+    assert export.to_onnx(model, tmp_path / "skipped.onnx", openvino=False).runtimes == []
+    monkeypatch.setattr(runtimes, "openvino_installed", lambda: False)
+    with pytest.raises(ValueError, match="OpenVINO was asked for but is not installed"):
+        export.to_onnx(model, tmp_path / "missing.onnx", quantize="int8", openvino=True,
+                       calibration_data=np.zeros((4, 8, 8, 3), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx", "skipped.onnx"]
+
+
+def test_openvino_is_not_judged_where_its_target_is_not_said_right():
+    data = _conv_graph(127, np.int8(0)).SerializeToString()
+    checks = runtimes.check(data, _feeds(), ["y"], targets.get("tensorrt"), cpu_has_vnni=False)
+    assert [c.checked for c in checks] == [False, False]
+    assert "lacks VNNI" in checks[1].note
+    if cpu_has_vnni():  # the kernels of this CPU must be the ones the check says they are
+        checks = runtimes.check(data, _feeds(), ["y"], targets.get("tensorrt"), cpu_has_vnni=True)
+        assert all(c.checked for c in checks)
