@@ -281,6 +281,8 @@ def test_cli_int8_with_named_npz_and_labels_default_output(digits, files, capsys
         "'image']"),
     (["--calibration", "zeros.npy", "--validation", "validation.npz"],
      1, "verification failed: the int8 graph is not accurate enough"),
+    (["--calibration", "zeros.npy", "--validation", "validation.npz"],
+     1, "try --calibration-method entropy or percentile, or lower --min-agreement"),
 ])
 def test_cli_int8_errors_after_loading_the_model(digits, files, capsys, arguments, status,
                                                  fragment):
