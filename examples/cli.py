@@ -9,8 +9,10 @@ DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 def add_common_arguments(parser):
     parser.add_argument("--data", default="digits",
-                        help="'digits' (scikit-learn, default), an MNIST .npz, a CIFAR-10 python "
-                             "batch folder or an ImageNet-style folder (train/, val/)")
+                        help="'digits' (scikit-learn, default), 'fashion-mnist' (Debian's "
+                             "dataset-fashion-mnist or $KERAS_BN_DATA), a folder of MNIST-format "
+                             "IDX files, an MNIST .npz, a CIFAR-10 python batch folder or an "
+                             "ImageNet-style folder (train/, val/)")
     parser.add_argument("--output-dir", default=DEFAULT_RESULTS,
                         help="where JSON, PNG and markdown results go "
                              "(default: benchmarks/results)")

@@ -2,6 +2,12 @@
 
 `load_dataset(source, ...)` accepts:
     "digits"                 scikit-learn's bundled 8x8 digits (1,797 images), split 75/25
+    "fashion-mnist"          Fashion-MNIST (60,000 + 10,000 28x28 images) in MNIST's IDX format,
+                             from $KERAS_BN_DATA/fashion-mnist/, $KERAS_BN_DATA/ or Debian's
+                             `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist/)
+    path/to/folder/          a folder of MNIST-format IDX files: train-images-idx3-ubyte,
+                             train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+                             t10k-labels-idx1-ubyte, each plain or gzipped (.gz)
     path/to/mnist.npz        an MNIST `.npz` with x_train, y_train, x_test, y_test (Keras's format)
     path/to/cifar-10-batches-py/   the CIFAR-10 python batches (data_batch_1..5, test_batch)
     path/to/folder/          an ImageNet-style folder: train/<class>/*.jpg and val/<class>/*.jpg
@@ -10,8 +16,10 @@ and returns a `Dataset` of float32 numpy arrays, scaled to [0, 1] and centred by
 either as images (N, H, W, C) or flattened (N, H*W*C) for the MNIST network.
 """
 import dataclasses
+import gzip
 import os
 import pickle
+import zlib
 
 import numpy as np
 
@@ -59,6 +67,103 @@ def _mnist_npz(path):
         return x[..., None] if x.ndim == 3 else x
 
     return images(x_train), y_train.astype("int32"), images(x_test), y_test.astype("int32")
+
+
+# Where a named IDX data set is looked for, after $KERAS_BN_DATA/<name>/ and $KERAS_BN_DATA/.
+NAMED_IDX_SOURCES = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+_DATA_ENVIRONMENT = "KERAS_BN_DATA"
+_IDX_SPLITS = ("train", "t10k")
+_IDX_KINDS = (("images", 3), ("labels", 1))
+_IDX_UNSIGNED_BYTE = 0x08
+
+
+def _idx_name(split, kind, ndim):
+    return f"{split}-{kind}-idx{ndim}-ubyte"
+
+
+def _idx_files(folder):
+    """{(split, kind): path} of the IDX files in `folder`, plain or gzipped."""
+    found = {}
+    for split in _IDX_SPLITS:
+        for kind, ndim in _IDX_KINDS:
+            for suffix in ("", ".gz"):
+                path = os.path.join(folder, _idx_name(split, kind, ndim) + suffix)
+                if os.path.isfile(path):
+                    found[(split, kind)] = path
+                    break
+    return found
+
+
+def _read_idx(path, ndim):
+    """The uint8 array of an IDX file (http://yann.lecun.com/exdb/mnist/, "FILE FORMATS"): a
+    magic number 0x0000 0x08 `ndim`, `ndim` big-endian int32 sizes, then the bytes."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path} is corrupt: it cannot be read ({error}).") from None
+    header = 4 + 4 * ndim
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != _IDX_UNSIGNED_BYTE or raw[3] != ndim:
+        raise ValueError(
+            f"{path} is not an IDX file of {ndim}-d unsigned bytes: its magic number is "
+            f"{raw[:4].hex() or 'missing'}, expected 000008{ndim:02x}."
+        )
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than its header.")
+    shape = tuple(int(v) for v in np.frombuffer(raw[4:header], dtype=">i4"))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path} is {'truncated' if len(raw) < expected else 'corrupt'}: {len(raw)} bytes, "
+            f"its header {shape} says {expected}."
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_folder(folder, how_to_get):
+    """The train and t10k images and labels of an MNIST-format IDX folder, images in [0, 1]."""
+    found = _idx_files(folder)
+    missing = [_idx_name(split, kind, ndim) + "[.gz]" for split in _IDX_SPLITS
+               for kind, ndim in _IDX_KINDS if (split, kind) not in found]
+    if missing:
+        raise ValueError(f"{folder} lacks {', '.join(missing)}. {how_to_get}")
+    arrays = []
+    for split in _IDX_SPLITS:
+        images = _read_idx(found[(split, "images")], 3)
+        labels = _read_idx(found[(split, "labels")], 1)
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{found[(split, 'images')]} holds {len(images)} images but "
+                f"{found[(split, 'labels')]} {len(labels)} labels; they must match."
+            )
+        arrays += [images.astype("float32")[..., None] / 255.0, labels.astype("int32")]
+    return tuple(arrays)
+
+
+def _how_to_get(name):
+    """One sentence on where the IDX files of `name` come from."""
+    files = ", ".join(_idx_name(s, k, n) for s in _IDX_SPLITS for k, n in _IDX_KINDS)
+    where = (f"set ${_DATA_ENVIRONMENT} or --data to a folder holding MNIST-format IDX files "
+             f"({files}; plain or .gz)")
+    if name == "fashion-mnist":
+        return ("Install it with `apt-get install dataset-fashion-mnist` (Debian, Ubuntu), or "
+                f"{where}.")
+    return f"Expected a folder holding MNIST-format IDX files ({files}; plain or .gz)."
+
+
+def find_idx_folder(name):
+    """The folder of the named IDX data set (`NAMED_IDX_SOURCES`): $KERAS_BN_DATA/<name>/, then
+    $KERAS_BN_DATA/, then the system folder; the first that holds any of its IDX files."""
+    candidates = []
+    root = os.environ.get(_DATA_ENVIRONMENT, "").strip()
+    if root:
+        candidates += [os.path.join(root, name), root]
+    candidates.append(NAMED_IDX_SOURCES[name])
+    for folder in candidates:
+        if os.path.isdir(folder) and _idx_files(folder):
+            return folder
+    raise ValueError(f"{name} not found (looked in {', '.join(candidates)}). {_how_to_get(name)}")
 
 
 def _cifar10(path):
@@ -131,8 +236,8 @@ def load_dataset(source="digits", flatten=False, image_size=None, test_fraction=
     """Load a data set from a local source (see the module docstring) as float32 numpy arrays.
 
     Args:
-        source: "digits", or a path to an MNIST `.npz`, a CIFAR-10 python batch folder or an
-            ImageNet-style folder.
+        source: "digits", "fashion-mnist", or a path to a folder of MNIST-format IDX files, an
+            MNIST `.npz`, a CIFAR-10 python batch folder or an ImageNet-style folder.
         flatten: return (N, features) for the MNIST network instead of (N, H, W, C) images.
         image_size: (height, width) to resize images to (None keeps the source size; an
             ImageNet-style folder defaults to 224x224).
@@ -144,6 +249,13 @@ def load_dataset(source="digits", flatten=False, image_size=None, test_fraction=
     """
     if source == "digits":
         arrays, classes, name = _digits(test_fraction, seed), 10, "digits"
+    elif source in NAMED_IDX_SOURCES:
+        arrays = _idx_folder(find_idx_folder(source), _how_to_get(source))
+        classes, name = int(max(arrays[1].max(), arrays[3].max())) + 1, source
+    elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source) and _idx_files(source):
+        arrays = _idx_folder(os.fspath(source), _how_to_get(None))
+        classes = int(max(arrays[1].max(), arrays[3].max())) + 1
+        name = os.path.basename(os.path.normpath(source))
     elif isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
         if not os.path.isfile(source):
             raise ValueError(f"MNIST file not found: {source}")
@@ -158,8 +270,9 @@ def load_dataset(source="digits", flatten=False, image_size=None, test_fraction=
         classes, name = int(arrays[1].max()) + 1, os.path.basename(os.path.normpath(source))
     else:
         raise ValueError(
-            "`source` must be 'digits', an MNIST .npz file, a CIFAR-10 python batch folder or an "
-            f"ImageNet-style folder (train/ and val/). Received: source={source!r}"
+            "`source` must be 'digits', 'fashion-mnist', a folder of MNIST-format IDX files, an "
+            "MNIST .npz file, a CIFAR-10 python batch folder or an ImageNet-style folder (train/ "
+            f"and val/). Received: source={source!r}"
         )
     x_train, y_train, x_test, y_test = arrays
     if image_size is not None:
