@@ -18,8 +18,8 @@ def freeze_bn_statistics(model, frozen=True):
 
     Args:
         model: a `keras.Model` (or layer) holding fused QAT layers
-            (`keras_bn.Conv2DBatchNormalization`, `keras_bn.DenseBatchNormalization`), nested
-            models included.
+            (`keras_bn.Conv2DBatchNormalization`, `keras_bn.DepthwiseConv2DBatchNormalization`,
+            `keras_bn.DenseBatchNormalization`), nested models included.
         frozen: `False` switches them back to batch statistics.
 
     Returns:
@@ -37,7 +37,7 @@ def freeze_bn_statistics(model, frozen=True):
     if not layers:
         raise ValueError(
             f"Model {model.name!r} holds no fused QAT layer (Conv2DBatchNormalization, "
-            "DenseBatchNormalization) to freeze; "
+            "DepthwiseConv2DBatchNormalization, DenseBatchNormalization) to freeze; "
             "keras_bn.prepare_qat(model) makes them."
         )
     for layer in layers:
