@@ -3,6 +3,7 @@
     keras-bn-export MODEL.keras -o MODEL.onnx [--opset 17] [--channels-first] [--float16-weights]
     keras-bn-export MODEL.keras -o MODEL.int8.onnx --int8 --calibration DATA [--validation DATA]
     keras-bn-export MODEL.keras -o MODEL.int8.onnx --int8 --target tensorrt --calibration DATA
+    keras-bn-export MODEL.keras -o MODEL.onnx --import my_package.layers [--unsafe]
     keras-bn-export --check MODEL.int8.onnx
     keras-bn-export --version
 
@@ -18,6 +19,7 @@ mistakes are reported at once; only the data's shapes wait for the model.
 
 import argparse
 import contextlib
+import importlib
 import importlib.metadata
 import logging
 import math
@@ -44,6 +46,8 @@ DEFAULT_TARGET = "cpu"
 OPENVINO_CHOICES = {"auto": "auto", "require": True, "skip": False}
 DEFAULT_CALIBRATION_BATCHES = 16
 DEFAULT_MIN_AGREEMENT = 0.99
+# How a .npy file begins (numpy.lib.format.MAGIC_PREFIX); a .npz file is a zip archive.
+NUMPY_MAGIC = b"\x93NUMPY"
 # Names of the labels array in a .npz data file; every other array holds inputs.
 LABEL_NAMES = ("y", "labels")
 DATA_HELP = (
@@ -160,6 +164,16 @@ def build_parser():
     parser.add_argument("-o", "--output", help="the .onnx file to write "
                         "(default: MODEL with .onnx in place of .keras)")
     parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        default=[],
+                        help="import MODULE (from the current folder or an installed package) "
+                        "before loading the model, so that the custom layers or model class it "
+                        "registers (@keras.saving.register_keras_serializable) are known; "
+                        "repeatable")
+    parser.add_argument("--unsafe", action="store_true",
+                        help="load with Keras's safe_mode=False, which a Lambda layer's Python "
+                        "function needs: its code is stored in the file and runs, so only for "
+                        "files you trust")
     parser.add_argument("--opset", type=_opset, default=DEFAULT_OPSET,
                         help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     parser.add_argument("--input-names", type=_names, metavar="A,B",
@@ -251,6 +265,9 @@ def _check_paths(model, output):
                 "model.save('model.keras') first)")
     if not os.access(model, os.R_OK):
         return f"cannot read {model}: permission denied"
+    if not zipfile.is_zipfile(model):
+        return (f"could not load {model}: it is not a Keras 3 model file, which is a zip archive "
+                "(model.save('model.keras') writes one)")
     target = os.path.abspath(output)
     folder = os.path.dirname(target)
     if os.path.realpath(target) == os.path.realpath(model):
@@ -261,6 +278,8 @@ def _check_paths(model, output):
         return f"cannot write {target}: the folder {folder} does not exist"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"cannot write {target}: no permission to write in {folder}"
+    if not output.endswith(".onnx"):
+        return f"the output path must end in .onnx. Received: {output}"
     return None
 
 
@@ -298,6 +317,16 @@ def load_data(path, option):
         raise ValueError(f"{where}: expected a .npy file (one array of inputs) or a .npz file "
                          "(arrays named after the model's inputs, labels named "
                          f"{' or '.join(LABEL_NAMES)})")
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(len(NUMPY_MAGIC))
+    except OSError as error:
+        raise ValueError(f"{where}: cannot be read ({_words(error)})") from None
+    # np.load takes any other file for a pickle; a text or CSV file renamed .npy is neither.
+    if magic != NUMPY_MAGIC and not zipfile.is_zipfile(path):
+        raise ValueError(f"{where}: is not a NumPy file (a .npy file starts with "
+                         f"{NUMPY_MAGIC!r}, a .npz file is a zip archive); save arrays with "
+                         "numpy.save or numpy.savez")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -422,12 +451,21 @@ def main(argv=None):
         warnings.simplefilter("ignore")
 
     with _native_stderr_silenced(not args.verbose):
+        from export.loading import load_model
         from export.onnx_export import VerificationError, to_onnx
 
+    problem = _import_modules(args.imports)
+    if problem:
+        return _fail(problem)
+    if args.unsafe:
+        print(f"{PROG}: warning: --unsafe loads {args.model} with Keras's safe_mode=False: the "
+              "Python code of its Lambda layers runs, so use it only for files you trust",
+              file=sys.stderr)
     try:
         with _native_stderr_silenced(not args.verbose):
+            model = load_model(args.model, safe_mode=not args.unsafe)
             result = to_onnx(
-                args.model, output, opset=args.opset, input_names=args.input_names,
+                model, output, opset=args.opset, input_names=args.input_names,
                 output_names=args.output_names, channels_first=args.channels_first,
                 float16_weights=args.float16_weights, fold=not args.no_fold,
                 verify=not args.no_verify, batch_sizes=args.batch_sizes,
@@ -450,6 +488,21 @@ def main(argv=None):
                      f"(rerun with --verbose for the traceback; no file was written)", 1)
     print(result.summary())
     return 0
+
+
+def _import_modules(names):
+    """Imports each module of `--import`; what went wrong, or None."""
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own modules
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            return (f"--import {name}: no module named {error.name!r} (in the current folder "
+                    "or the installed packages)")
+        except Exception as error:  # the user's module failed: still one line
+            return f"--import {name}: importing it raised {type(error).__name__}: {error}"
+    return None
 
 
 def _check_file(parser, args):

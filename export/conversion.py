@@ -184,9 +184,12 @@ def check_graph(proto):
         ) from error
 
 
-def one_line(error):
+def one_line(error, limit=300):
+    """`error`'s text on one line, shortened at a word boundary to about `limit` characters."""
     text = " ".join(str(error).split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
+    if len(text) <= limit:
+        return text or type(error).__name__
+    return text[:limit + 1].rsplit(" ", 1)[0] + " ..."
 
 
 def graph_interface(model, input_names, output_names, channels_first):

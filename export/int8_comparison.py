@@ -67,7 +67,8 @@ def compare(float_data, int8_data, feeds, names, keep=0):
         batches += 1
         class_outputs = [name for name, value in zip(names, want) if _is_class_scores(value)]
         class_names.update(class_outputs)
-        per_output = _labels_per_output(labels, class_outputs, size)
+        per_output = _labels_per_output(labels, class_outputs, size, classes={
+            name: value.shape[1] for name, value in zip(names, want)})
         for name, expected, actual in zip(names, want, got):
             expected = expected.astype(np.float64)
             first.setdefault(name, expected[:1])
@@ -109,9 +110,10 @@ def _is_class_scores(value):
     return value.ndim == 2 and value.shape[1] > 1
 
 
-def _labels_per_output(labels, class_outputs, size):
+def _labels_per_output(labels, class_outputs, size, classes):
     """`{output name: class ids}` from a batch's labels: one array for the single class-score
-    output, or a dict keyed by output name; class ids or one-hot rows."""
+    output, or a dict keyed by output name; class ids or one-hot rows, each within the
+    `classes[name]` classes the output scores (else every accuracy would be a silent 0%)."""
     if labels is None:
         return {}
     if isinstance(labels, dict):
@@ -130,13 +132,25 @@ def _labels_per_output(labels, class_outputs, size):
     result = {}
     for name, y in items:
         y = as_numpy(y)
+        count = classes[name]
         if y.ndim == 2 and y.shape[1] > 1:  # one-hot or probabilities
+            if y.shape[1] != count:
+                raise ValueError(
+                    f"validation labels for output '{name}' are one-hot rows of {y.shape[1]} "
+                    f"classes, but the output scores {count} classes")
             y = y.argmax(axis=1)
         y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
         if y.shape != (size,) or y.dtype.kind not in "iuf":
             raise ValueError(
                 f"validation labels for output '{name}' must be {size} class ids or one-hot rows "
                 f"(one per example). Received: shape {y.shape}, dtype {y.dtype}"
+            )
+        outside = (y < 0) | (y >= count) | (y != np.round(y))
+        if outside.any():
+            raise ValueError(
+                f"validation labels for output '{name}' must be class ids from 0 to {count - 1} "
+                f"(the output scores {count} classes). Received: {int(outside.sum())} of a batch's "
+                f"{size} outside, labels from {y.min():g} to {y.max():g}"
             )
         result[name] = y.astype(np.int64)
     return result

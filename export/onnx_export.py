@@ -129,10 +129,13 @@ class ExportResult:
             error += ")"
         kind = "" if self.target is None else f"int8 for target '{self.target}', "
         of_float = "" if self.quantization is None else " (the float graph before quantization)"
+        # Each QAT layer is a conv, depthwise or dense layer with the BN it fused in training.
+        fused = (f"{len(self.qat_layers)} fused into QAT layers' int8 kernels, "
+                 if self.qat_layers else "")
         lines = [
             f"wrote {self.path} ({kind}{self.file_size / 2**20:.2f} MiB, opset {self.opset}, "
             f"{self.seconds:.1f} s)",
-            f"BatchNormalization: {len(self.folded)} folded, {len(self.frozen)} frozen to "
+            f"BatchNormalization: {fused}{len(self.folded)} folded, {len(self.frozen)} frozen to "
             f"constants (Mul+Add); {len(self.removed)} training-only layers removed",
             f"nodes: {self.num_nodes} ({nodes})",
             f"max error vs Keras{of_float}: {error}",
@@ -187,7 +190,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
     Args:
         model: a `keras.Model` (Functional or Sequential), or the path of a `.keras` file, which
             may have been saved under any backend: it is loaded here under TensorFlow.
-        path: where to write the `.onnx` file.
+        path: where to write the `.onnx` file; a path not ending in `.onnx` is refused.
         opset: ONNX opset, 13 to 18.
         input_names: names of the graph inputs, one per model input; defaults to the names of the
             model's `keras.Input`s.
@@ -350,10 +353,14 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
 
 
 def _model(model, path):
-    """`model`, loaded when it is a path (not the output path), checked for a graph."""
-    if isinstance(model, (str, os.PathLike)):
-        if os.path.abspath(os.fspath(model)) == path:
-            raise ValueError(f"the output path is the model file itself: {path}")
+    """`model`, loaded when it is a path (not the output path, which must end in .onnx), checked
+    for a graph."""
+    is_path = isinstance(model, (str, os.PathLike))
+    if is_path and os.path.abspath(os.fspath(model)) == path:
+        raise ValueError(f"the output path is the model file itself: {path}")
+    if not path.endswith(".onnx"):  # a file named otherwise would not be taken for an ONNX graph
+        raise ValueError(f"path must end in .onnx. Received: {path}")
+    if is_path:
         logger.info("to_onnx: loading %s", os.fspath(model))
         model = load_model(model)
     verification.check_graph_model(model, "to_onnx()")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 import keras_bn
 from export import __main__ as cli
-from export import keras_comparison, onnx_export, quantization, targets
+from export import int8_comparison, keras_comparison, onnx_export, quantization, targets
 from export.__main__ import main
 
 BIN = os.path.dirname(sys.executable)
@@ -57,6 +58,11 @@ def test_missing_and_foreign_files(tmp_path, capsys):
     _assert_one_line_failure(capsys, status, 2, "no such model file")
     (tmp_path / "text.keras").write_text("hello")
     status = main([str(tmp_path / "text.keras"), "-o", str(output)])
+    _assert_one_line_failure(capsys, status, 2, "text.keras: it is not a Keras 3 model file, "
+                             "which is a zip archive")
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("readme.txt", "a zip, but not a Keras model")
+    status = main([str(tmp_path / "other.keras"), "-o", str(output)])
     _assert_one_line_failure(capsys, status, 2, "could not load")
     assert not output.exists()
 
@@ -148,6 +154,8 @@ def test_opsets_and_defaults_match_the_exporter():
 # one-line message). "MODEL" is a file named like a model; it is never loaded.
 MISTAKES = [
     (["absent.keras"], "no such model file: absent.keras"),
+    (["text.keras"], "could not load text.keras: it is not a Keras 3 model file, which is a zip"),
+    (["MODEL", "-o", "model.txt"], "the output path must end in .onnx. Received: model.txt"),
     (["model.h5"], "expected a Keras 3 model file ending in .keras. Received: model.h5"),
     (["folder.keras"], "expected a Keras 3 model file ending in .keras"),
     (["MODEL", "-o", "no/such/out.onnx"], "the folder"),
@@ -193,6 +201,9 @@ MISTAKES = [
      "--calibration strings.npy: holds <U32 values; expected numbers"),
     (["MODEL", "--int8", "--calibration", "objects.npy"],
      "--calibration objects.npy: holds Python objects (a pickle)"),
+    (["MODEL", "--int8", "--calibration", "text.npy"],
+     "--calibration text.npy: is not a NumPy file (a .npy file starts with b'\\x93NUMPY'"),
+    (["MODEL", "--int8", "--calibration", "text.npz"], "--calibration text.npz: is not a NumPy"),
     (["MODEL", "--int8", "--calibration", "scalar.npy"], "holds a single number"),
     (["MODEL", "--int8", "--calibration", "corrupt.npy"],
      "--calibration corrupt.npy: cannot be read as a NumPy file"),
@@ -241,7 +252,11 @@ def _with_inf(array):
 
 def test_mistakes_are_reported_before_tensorflow_is_imported(tmp_path):
     """Each mistake is one line and exit status 2, in a process that never imports Keras."""
-    (tmp_path / "model.keras").write_text("never loaded")
+    with zipfile.ZipFile(tmp_path / "model.keras", "w") as archive:  # a zip, never loaded
+        archive.writestr("config.json", "{}")
+    (tmp_path / "text.keras").write_text("not a zip")
+    (tmp_path / "text.npy").write_text("1,2,3\n4,5,6\n")
+    (tmp_path / "text.npz").write_text("1,2,3\n4,5,6\n")
     (tmp_path / "model.h5").write_text("")
     (tmp_path / "folder.keras").mkdir()
     x = np.zeros((4, 3), "float32")
@@ -311,3 +326,115 @@ def test_custom_layer_that_cannot_be_rebuilt(tmp_path):
     assert "Keras could not rebuild a layer from its config: Broken needs a factor" in message
     assert "Custom layers must be importable and registered" in message
     assert "\n" not in message
+
+
+def _registered_module(folder, name):
+    """A module in `folder` that registers a custom layer, as a user's own code would."""
+    (folder / f"{name}.py").write_text(textwrap.dedent(f"""
+        import keras
+
+
+        @keras.saving.register_keras_serializable(package="{name}")
+        class Twice(keras.layers.Layer):
+            def call(self, x):
+                return 2 * x
+    """))
+
+
+def test_import_registers_custom_layers_before_loading(tmp_path, capsys, monkeypatch):
+    """`--import MODULE` (from the current folder) makes a custom layer loadable; without it the
+    message points to the option."""
+    name = "cli_custom_layers_for_test"
+    _registered_module(tmp_path, name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    twice = __import__(name).Twice
+    inputs = keras.Input((3,))
+    keras.Model(inputs, twice()(keras.layers.Dense(2)(inputs))).save(tmp_path / "twice.keras")
+    # As a new process would see it: the class unknown until its module is imported.
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in (str(tmp_path), "")])
+    monkeypatch.delitem(keras.saving.get_custom_objects(), f"{name}>Twice")
+
+    status = main(["twice.keras", "-o", "without.onnx"])
+    line = _assert_one_line_failure(capsys, status, 2, "it uses the class")
+    assert line.endswith("(keras-bn-export --import MODULE)")
+    status = main(["twice.keras", "-o", "absent.onnx", "--import", "no_such_module_here"])
+    _assert_one_line_failure(capsys, status, 2,
+                             "--import no_such_module_here: no module named 'no_such_module_here'")
+    assert main(["twice.keras", "-o", "twice.onnx", "--import", name, "--import", "json"]) == 0
+    assert "wrote " in capsys.readouterr().out and (tmp_path / "twice.onnx").exists()
+    assert not (tmp_path / "without.onnx").exists() and not (tmp_path / "absent.onnx").exists()
+
+
+def test_lambda_layers_load_only_with_unsafe(tmp_path, capsys):
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Lambda(lambda x: 2.0 * x)(keras.layers.Dense(2)(inputs))
+    keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
+    output = tmp_path / "lambda.onnx"
+    status = main([str(tmp_path / "lambda.keras"), "-o", str(output)])
+    line = _assert_one_line_failure(capsys, status, 2, "it holds a Lambda layer")
+    assert line.endswith("If you trust the file: export.load_model(path, safe_mode=False), or "
+                         "keras-bn-export --unsafe") and "..." not in line
+    assert not output.exists()
+    assert main([str(tmp_path / "lambda.keras"), "-o", str(output), "--unsafe"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"keras-bn-export: warning: --unsafe loads {tmp_path / 'lambda.keras'} with Keras's "
+        "safe_mode=False: the Python code of its Lambda layers runs, so use it only for files "
+        "you trust"]
+    assert f"wrote {output}" in captured.out
+
+
+def test_long_messages_are_shortened_between_words():
+    from export.conversion import one_line
+
+    text = "word " * 100
+    short = one_line(ValueError(text))
+    assert short.endswith(" word ...") and len(short) <= 305
+    assert one_line(ValueError("a\n b")) == "a b" and one_line(ValueError()) == "ValueError"
+
+
+def test_python_api_refuses_an_output_path_not_ending_in_onnx(model, tmp_path):
+    with pytest.raises(ValueError, match=r"path must end in \.onnx\. Received: .*model\.txt"):
+        onnx_export.to_onnx(model, tmp_path / "model.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_labels_outside_the_classes_are_refused():
+    labels = np.arange(100, 104)
+    with pytest.raises(ValueError, match=r"must be class ids from 0 to 9 \(the output scores 10 "
+                       r"classes\)\. Received: 4 of a batch's 4 outside, labels from 100 to 103"):
+        int8_comparison._labels_per_output(labels, ["logits"], 4, {"logits": 10})
+    with pytest.raises(ValueError, match="from 0 to 9"):
+        int8_comparison._labels_per_output(np.array([0, -1, 2, 3]), ["logits"], 4, {"logits": 10})
+    with pytest.raises(ValueError, match="one-hot rows of 3 classes, but the output scores 10"):
+        int8_comparison._labels_per_output(np.eye(3)[[0, 1, 2, 0]], ["logits"], 4,
+                                           {"logits": 10})
+    ids = int8_comparison._labels_per_output(np.array([0, 9, 3, 3]), ["logits"], 4,
+                                             {"logits": 10})
+    assert ids["logits"].tolist() == [0, 9, 3, 3]
+
+
+def test_qat_summary_counts_the_bn_fused_into_qat_layers():
+    result = onnx_export.ExportResult(
+        path="qat.onnx", opset=17, node_counts={"QuantizeLinear": 3}, max_error=1e-6,
+        batch_sizes=(1, 3), input_names=["x"], output_names=["y"], channels_first=False,
+        float16_weights=False, folded=[], frozen=[], removed=[], file_size=2**20, seconds=1.0,
+        qat_layers=["conv", "depthwise", "dense"], max_error_steps=0.5, beyond_one_step=0.0,
+        target="cpu")
+    lines = result.summary().splitlines()
+    assert lines[1] == ("BatchNormalization: 3 fused into QAT layers' int8 kernels, 0 folded, 0 "
+                        "frozen to constants (Mul+Add); 0 training-only layers removed")
+    assert lines[4].startswith("QAT: 3 layers as int8 QDQ")
+
+
+def test_freeze_bn_statistics_names_every_fused_layer_type():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError) as error:
+        keras_bn.freeze_bn_statistics(model)
+    for name in ("Conv2DBatchNormalization", "DepthwiseConv2DBatchNormalization",
+                 "DenseBatchNormalization"):
+        assert name in str(error.value)
