@@ -3,8 +3,8 @@ float32 or int8.
 
 TensorFlow backend only (the conversion goes through tf2onnx); a `.keras` file saved under any
 backend is loaded here under TensorFlow. Its packages are an install extra,
-`pip install "keras-bn[export]"`; without them `import export` raises an `ImportError` that names
-the extra and the missing packages.
+`pip install -e ".[export]"` in a clone; without them `import export` raises an `ImportError` that
+names the missing packages and the command that installs them, for this installation.
 
 The public names load on first use (PEP 562) so that `import export.__main__`, which the
 `keras-bn-export` console script does, imports no Keras before the command line has chosen the
@@ -14,6 +14,7 @@ TensorFlow backend. Using any of them, or importing `export.freezing`, registers
 
 import importlib
 import importlib.util
+import os
 
 # What `pip install "keras-bn[export]"` adds to keras-bn's own requirements (setup.cfg).
 _EXTRA_PACKAGES = ("tensorflow", "tf2onnx", "onnx", "onnxruntime")
@@ -34,10 +35,34 @@ def _missing_packages():
     return missing
 
 
+def _install_command():
+    """The pip command that adds the extra to this installation: from the source tree (a clone,
+    installed with -e or not at all), from the folder it was installed from, or by name."""
+    import importlib.metadata  # only on failure: `import export` stays light
+    import json
+    import urllib.parse
+    import urllib.request
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "setup.cfg")):
+        where = "." if root == os.getcwd() else root
+        return f'pip install -e "{where}[export]"'
+    try:
+        origin = json.loads(importlib.metadata.distribution("keras-bn").read_text(
+            "direct_url.json") or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        origin = {}
+    url = origin.get("url", "")
+    if url.startswith("file://") and "dir_info" in origin:
+        folder = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+        return f'pip install "{folder}[export]"'
+    return 'pip install "keras-bn[export]"'
+
+
 _missing = _missing_packages()
 if _missing:
     raise ImportError(
-        'keras-bn\'s export needs its extra: pip install "keras-bn[export]" '
+        f"keras-bn's export needs its extra: {_install_command()} "
         f"(missing: {', '.join(_missing)})"
     )
 del _missing

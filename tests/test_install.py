@@ -154,7 +154,8 @@ def test_import_export_without_its_extra_names_the_extra(package):
     """)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    prefix = 'keras-bn\'s export needs its extra: pip install "keras-bn[export]" (missing: '
+    # Run from the clone, as the README installs it: its own command, word for word.
+    prefix = 'keras-bn\'s export needs its extra: pip install -e ".[export]" (missing: '
     assert result["error"].startswith(prefix) and result["error"].endswith(")")
     assert "\n" not in result["error"]
     assert package in result["error"][len(prefix):-1].split(", ")
@@ -184,3 +185,67 @@ def test_package_version_matches_the_installed_metadata():
     assert config["metadata"]["version"] == "attr: keras_bn.__version__"
     source = re.search(r'__version__ = "([^"]+)"', (ROOT / "keras_bn" / "__init__.py").read_text())
     assert installed == source.group(1)
+
+
+# The Keras backends, as the README's install line names their packages.
+BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax[cpu]": "jax", "jax": "jax", "torch": "torch"}
+IMPORT_AS_INSTALLED = """
+import json
+
+import keras
+import numpy as np
+
+import keras_bn
+
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras_bn.BatchNormalization()])
+output = model.predict(np.ones((4, 3), "float32"), verbose=0)
+print(json.dumps({"backend": keras.backend.backend(), "shape": list(output.shape)}))
+"""
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md"])
+def test_install_line_gives_a_working_import(page, tmp_path):
+    """The page's first install line names a Keras backend besides `-e .`, and with only that
+    backend present and no KERAS_BACKEND or keras.json to choose, `import keras_bn` works."""
+    text = (ROOT / page).read_text()
+    line = re.search(r"^pip install -e \. (\S+) +# ", text, re.MULTILINE)
+    assert line, f"{page}: the first install line must name a Keras backend to install"
+    package = line.group(1).strip('"')
+    assert package in BACKEND_PACKAGES, f"{page}: {package} is not a Keras backend"
+    backend = BACKEND_PACKAGES[package]
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed here")
+    others = set(BACKEND_PACKAGES.values()) - {backend}
+    code = BLOCKER.replace("{blocked!r}", repr(others)) + IMPORT_AS_INSTALLED
+    env = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}
+    env.update(KERAS_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")  # no keras.json
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"backend": backend, "shape": [4, 2]}
+
+
+def test_install_command_follows_the_installation(monkeypatch):
+    """The extra's hint: from the clone (-e), from the folder pip installed from, or by name."""
+    export = pytest.importorskip("export", reason="the export extra is not installed")
+    monkeypatch.chdir(ROOT)
+    assert export._install_command() == 'pip install -e ".[export]"'
+    monkeypatch.chdir(ROOT / "docs")
+    assert export._install_command() == f'pip install -e "{ROOT}[export]"'
+    # Installed into site-packages: no setup.cfg beside the package.
+    monkeypatch.setattr(export, "__file__", "/site-packages/export/__init__.py")
+
+    class Distribution:
+        def __init__(self, direct_url):
+            self.direct_url = direct_url
+
+        def read_text(self, name):
+            assert name == "direct_url.json"
+            return self.direct_url
+
+    local = json.dumps({"url": "file:///home/me/keras-bn", "dir_info": {}})
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Distribution(local))
+    assert export._install_command() == 'pip install "/home/me/keras-bn[export]"'
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Distribution(None))
+    assert export._install_command() == 'pip install "keras-bn[export]"'
