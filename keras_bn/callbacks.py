@@ -24,9 +24,12 @@ class PopulationStatistics(keras.callbacks.Callback):
     this hook PreciseBN.)
 
     Each estimate runs the network in training mode over at most `steps` batches of `data`, so its
-    cost is bounded whatever the data set's size. In a multi-process JAX run
-    (`keras.distribution.DataParallel`), give each process its own shard of the training data, as
-    `fit` takes it: every process then ends with the statistics of all shards together.
+    cost is bounded whatever the data set's size. Data that does not fit the model's inputs is
+    refused with a `ValueError` before training starts (arrays) or at the estimate (iterables),
+    with no statistic changed. In a multi-process JAX run (`keras.distribution.DataParallel`),
+    give each process its own shard of the training data and `batch_size` its share of a global
+    batch, as `fit` takes them: every process then ends with the same statistics, those of the
+    global batches that training normalizes (`keras_bn.estimate_population_statistics`).
 
     Args:
         data: Training inputs, in any form `keras_bn.estimate_population_statistics` takes (an
@@ -35,8 +38,8 @@ class PopulationStatistics(keras.callbacks.Callback):
             be iterable again: a one-pass iterator or generator is accepted only with `steps`
             (each estimate then takes the next `steps` batches of an endless stream).
         steps: The most batches an estimate uses; `None` uses all of `data`.
-        batch_size: Batch size for array inputs; the paper's mini-batch size m. Ignored for
-            iterables.
+        batch_size: Batch size for array inputs; the paper's mini-batch size m (in a
+            multi-process run, this process's share of it). Ignored for iterables. At least 2.
         verbose: 0 (default) is silent; 1 or `"auto"` shows a progress bar for each estimate.
 
     Reference:
@@ -56,10 +59,7 @@ class PopulationStatistics(keras.callbacks.Callback):
             raise ValueError(
                 f"`steps` must be a positive integer or None. Received: steps={steps!r}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-            )
+        population.check_batch_size(batch_size)
         if steps is None and isinstance(data, collections.abc.Iterator):
             raise ValueError(
                 "`data` is a one-pass iterator, which the first estimate would exhaust. Received: "
@@ -77,6 +77,11 @@ class PopulationStatistics(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._in_fit = True
         self._trained_since_estimate = False
+        # Arrays that do not fit the model fail now, not at the first estimate an epoch later
+        # (every estimate checks each batch it reads, iterables included).
+        inputs = population.Batches(self.data, self.batch_size).inputs
+        if inputs is not None:
+            population.check_inputs(self.model, inputs, "`data` of PopulationStatistics")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._trained_since_estimate = True

@@ -1,7 +1,9 @@
 """Exact population statistics: Algorithm 2, lines 9-11 of Ioffe & Szegedy (2015)."""
 
 import itertools
+import json
 import logging
+import zlib
 
 import keras
 import numpy as np
@@ -10,6 +12,9 @@ from keras import ops
 from keras_bn import _keras_internals
 
 logger = logging.getLogger(__name__)
+
+# What each process tells the others before every step of a multi-process estimate.
+_HAS_BATCH, _DONE, _FAILED = 0.0, 1.0, 2.0
 
 
 def estimate_population_statistics(model, data, steps=None, batch_size=32, verbose="auto"):
@@ -28,15 +33,26 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
     BN layer non-finite statistics (a NaN or inf in the data, or an activation that overflows):
     nothing is written and a `ValueError` names the layer and the batch.
 
+    Every batch is checked against the model's declared inputs before it runs, on every backend
+    and call: a batch of another rank or size (`(n, 16, 16)` for an `Input((8, 8, 1))`) raises a
+    `ValueError` naming the input, the shape expected and the shape received. A batch of one
+    example is refused: its variance is 0 for every BN after a Dense layer, and `m / (m - 1)` is
+    undefined at m = 1.
+
     BN layers with `trainable=False` are frozen on purpose (fine-tuning) and are left as they are.
     Other training-mode behaviour (dropout) is active during the pass, as in training.
 
     In a multi-process JAX run (`jax.process_count() > 1`, as under
     `keras.distribution.DataParallel(auto_shard_dataset=False)`), every process calls it with its
-    own shard of the training data, as `fit` takes it; shards may hold different numbers of
-    batches. Each process runs its own batches, and the sums of their statistics and example
-    counts are added up across processes, so every process ends with the statistics of all shards
-    together. If it fails in one process, it raises in every process and changes no model.
+    own shard of the training data and `batch_size` its share of a global batch, as `fit` takes
+    them. Step k's global batch is the k-th batch of every process together, as training
+    normalizes it: the network runs in training mode on the global array sharded over every
+    process's devices, so each BN layer's `mu_B` and `sigma2_B` are those of the global batch,
+    with m its size, and every process ends with the same statistics. Shards of different lengths
+    lose nothing: a step where some process has no batch left (or the processes' batches differ
+    in size, a short last batch) gathers the batches that exist, and that step's global batch is
+    those together, run in every process. If it fails in one process, it raises in every process
+    and changes no model.
 
     Args:
         model: A built Keras model containing BN layers.
@@ -46,21 +62,21 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
             (a `tf.data.Dataset`, a `keras.utils.PyDataset`, a generator, a list) whose elements are
             `x` or `(x, y[, sample_weight])`.
         steps: Number of batches to use; `None` uses all of `data` (an iterable that never ends
-            needs `steps`).
-        batch_size: Batch size for array inputs; the paper's mini-batch size m. Ignored for
-            iterables.
+            needs `steps`). In a multi-process run, each process reads at most `steps` batches.
+        batch_size: Batch size for array inputs; the paper's mini-batch size m (in a multi-process
+            run, this process's share of it). Ignored for iterables. At least 2 in one process.
         verbose: `"auto"` or 1 shows a `keras.utils.Progbar`; 0 is silent.
 
     Returns:
         The number of batches used, an int: every batch of `data`, or `steps` of them when
-        `data` has more (in a multi-process run, the sum over processes, each of which uses at
-        most `steps`). The statistics average over them, each batch weighted by its size.
+        `data` has more (in a multi-process run, the number of global batches, the same in
+        every process). The statistics average over them, each batch weighted by its size.
 
     Raises:
         ValueError: if the model has no trainable BN layer, is not built, `data` yields no batch,
-            an argument is out of range, or a batch gives a BN layer non-finite statistics (the
-            message names the first such layer in graph order and the batch; the model is left
-            as it was).
+            an argument is out of range, a batch does not fit the model's inputs or holds one
+            example, or a batch gives a BN layer non-finite statistics (the message names the
+            first such layer in graph order and the batch). The model is left as it was.
 
     Reference:
         [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167), Algorithm 2.
@@ -75,8 +91,7 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         raise ValueError(f"Model {model.name!r} is not built: call it on data or give it an Input.")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"`steps` must be a positive integer or None. Received: steps={steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
+    check_batch_size(batch_size)
     layers = [
         layer
         for layer in _keras_internals.flatten_layers(model)  # nested models included, in order
@@ -110,26 +125,24 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
         forward = _training_forward(model, layers)
         total = steps if steps is not None else _length(data, batch_size)
         progbar = keras.utils.Progbar(total, verbose=0 if verbose == 0 else 1, unit_name="batch")
-        failure = None
-        try:
-            # islice stops before reading batch `steps + 1`: a generator keeps it for the next call.
-            for x in itertools.islice(Batches(data, batch_size), steps):
-                size = _batch_length(x)
-                statistics = forward(x).astype("float64")
-                _check_finite(model, layers, statistics, f"batch {used} (counting from 0)", x)
-                sums = sums + size * statistics
-                examples += size
-                used += 1
-                progbar.update(used)
-        except Exception as error:
-            # The other processes of a multi-process run wait for this one's sums: they learn
-            # of the failure from them, and every process raises.
-            if not _is_multiprocess():
-                raise
-            failure = error
-        sums, examples, used = _sum_over_processes(sums, examples, used, failure is not None)
-        if failure is not None:
-            raise failure
+        steps_of = _global_steps if _is_multiprocess() else _local_steps
+        # islice stops before reading batch `steps + 1`: a generator keeps it for the next call.
+        batches = itertools.islice(Batches(data, batch_size), steps)
+        for x, size, where, note in steps_of(model, batches):
+            if size < 2:
+                raise ValueError(
+                    f"estimate_population_statistics() refuses {where}: it holds one example, "
+                    "whose variance is 0 for every BN layer after a Dense layer (and Algorithm "
+                    "2's m / (m - 1) is undefined at m = 1), so it would pull moving_variance "
+                    "towards 0. No BN layer was changed. Use batches of at least 2 examples "
+                    "(a batch_size that leaves no single example at the end, or `steps`)."
+                )
+            statistics = forward(x).astype("float64")
+            _check_finite(model, layers, statistics, where, note)
+            sums = sums + size * statistics
+            examples += size
+            used += 1
+            progbar.update(used)
         if not used:
             raise ValueError("`data` yielded no batch: population statistics need training data.")
         averages = _per_statistic(sums / examples, layers)
@@ -162,48 +175,248 @@ def estimate_population_statistics(model, data, steps=None, batch_size=32, verbo
     return used
 
 
+def check_batch_size(batch_size):
+    """Raises ValueError unless `batch_size` makes batches of at least 2 examples (in a
+    multi-process run, global batches: `batch_size` is each process's share)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
+        )
+    if batch_size * _process_count() < 2:
+        raise ValueError(
+            "`batch_size` must be at least 2: a batch of one example has variance 0 for every BN "
+            "layer after a Dense layer, and Algorithm 2's m / (m - 1) is undefined at m = 1. "
+            "Received: batch_size=1"
+        )
+
+
+def check_inputs(model, x, where):
+    """Raises ValueError unless the batch `x` fits `model`'s declared inputs: the same inputs, each
+    of the declared rank and of the declared size in every dimension the model fixes.
+
+    Keras checks this only where it traces a call: TensorFlow's relaxed `tf.function` shapes and
+    JAX's `stateless_call` accept a batch of another shape, and BN then normalizes something
+    else. A model without a known graph (subclassed) declares nothing and is not checked.
+
+    Args:
+        model: a built `keras.Model`.
+        x: one batch of inputs (an array, a list or a dict of arrays).
+        where: what the batch is, for the message (`"batch 3 (counting from 0)"`).
+    """
+    graph = _keras_internals.functional_graph(model)
+    if graph is None or not (isinstance(graph, keras.Sequential)
+                             or _keras_internals.is_functional(graph)):
+        return
+    declared = graph.input
+    if isinstance(declared, dict) and isinstance(x, dict):
+        missing = sorted(set(declared) - set(x))
+        if missing:
+            raise ValueError(
+                f"estimate_population_statistics(): {where} lacks input(s) {missing} of model "
+                f"{model.name!r}. Received the keys {sorted(x)}. No BN layer was changed."
+            )
+        pairs = [(name, declared[name], x[name]) for name in sorted(declared)]
+    else:
+        specs, arrays = keras.tree.flatten(declared), keras.tree.flatten(x)
+        if len(specs) != len(arrays):
+            raise ValueError(
+                f"estimate_population_statistics(): model {model.name!r} takes {len(specs)} "
+                f"input(s) ({', '.join(repr(s.name) for s in specs)}). Received: {where} with "
+                f"{len(arrays)} array(s). No BN layer was changed."
+            )
+        pairs = [(spec.name, spec, array) for spec, array in zip(specs, arrays)]
+    for name, spec, array in pairs:
+        expected = tuple(spec.shape)
+        received = tuple(int(d) for d in ops.shape(array))
+        fits = len(received) == len(expected) and all(
+            want is None or want == got for want, got in zip(expected[1:], received[1:])
+        )
+        if not fits:
+            shown = ("batch",) + tuple("any" if d is None else d for d in expected[1:])
+            raise ValueError(
+                f"estimate_population_statistics(): {where} does not fit input {name!r} of "
+                f"model {model.name!r}: expected shape {shown}. Received: {received}. No BN "
+                "layer was changed. Give the data the model's input shape (the training data)."
+            )
+
+
+def _process_count():
+    """The number of processes of JAX's multi-process runtime; 1 on other backends."""
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
 def _is_multiprocess():
     """Whether this is one of several processes of JAX's multi-process runtime."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return jax.process_count() > 1
+    return _process_count() > 1
 
 
-def _sum_over_processes(sums, examples, used, failed):
-    """`sums`, `examples` and `used` summed over the processes of a multi-process JAX run, where
-    each process estimates on its own shard of the data (as `fit` takes it under
-    `keras.distribution.DataParallel(auto_shard_dataset=False)`); unchanged in a single process.
+def _local_steps(model, batches):
+    """`(x, size, where, note)` per batch of a single process, each checked against the model."""
+    for index, x in enumerate(batches):
+        where = f"batch {index} (counting from 0)"
+        check_inputs(model, x, where)
+        yield x, _batch_length(x), where, _input_note(x)
 
-    Every process must call it once per estimate, whatever its number of batches: the sums travel
-    in one `process_allgather`. `failed` says this process failed; the others then raise a
-    ValueError naming it.
+
+def _global_steps(model, batches):
+    """`(x, size, where, note)` per global batch of a multi-process JAX run, the same in every
+    process; `x` is a global array sharded over every process's devices, or the gathered
+    batches where the processes' batches differ in size (or some have none left).
+
+    Before each step the processes tell each other, in one `process_allgather`, whether they
+    have a batch, its size, its shapes and its non-finite input values, so that none enters the
+    step's collective alone: every process stops when all are done, and raises when one fails.
     """
-    if not _is_multiprocess():
-        return sums, examples, used
     import jax
+
+    processes, me = jax.process_count(), jax.process_index()
+    batches = iter(batches)
+    structure = _declared_structure(model)
+    for step in itertools.count():
+        where = f"global batch {step} (counting from 0)"
+        x, failure = None, None
+        try:
+            x = next(batches, None)
+            if x is not None:
+                check_inputs(model, x, f"batch {step} (counting from 0) of process {me}")
+        except Exception as error:  # the others learn of it below, and every process raises
+            failure = error
+        arrays = [] if x is None else [np.asarray(ops.convert_to_numpy(a))
+                                       for a in keras.tree.flatten(x)]
+        structure = structure if x is None else x
+        state = [_FAILED if failure is not None else _DONE if x is None else _HAS_BATCH,
+                 len(arrays[0]) if arrays else 0, _non_finite(arrays), _signature(arrays)]
+        table = _allgather_float64(np.array(state, "float64"))
+        failed = np.flatnonzero(table[:, 0] == _FAILED).tolist()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise ValueError(
+                f"estimate_population_statistics() failed in process(es) {failed} of "
+                f"{processes} at {where} (see their error); no BN layer was changed in process "
+                f"{me} either."
+            )
+        present = np.flatnonzero(table[:, 0] == _HAS_BATCH)
+        if not present.size:
+            return
+        signatures = set(table[present, 3].tolist())
+        if len(signatures) > 1:
+            raise ValueError(
+                f"estimate_population_statistics(): at {where}, the batches of processes "
+                f"{present.tolist()} hold arrays of different shapes beyond the batch axis or "
+                "different dtypes, which cannot form one global batch. No BN layer was changed."
+            )
+        sizes = table[:, 1].astype(int)
+        bad_inputs = {int(p): int(table[p, 2]) for p in present if table[p, 2]}
+        note = "".join(f"; process {p}'s batch holds {n} non-finite input value(s)"
+                       for p, n in bad_inputs.items())
+        local_devices = jax.local_device_count()
+        if present.size == processes and len(set(sizes.tolist())) == 1 and (
+                sizes[0] % local_devices == 0):
+            yield _sharded(x, arrays), int(sizes.sum()), where, note
+        else:
+            yield _gathered(structure, arrays, sizes), int(sizes.sum()), where, note
+
+
+def _declared_structure(model):
+    """The structure of the model's declared inputs (a process with no batch packs the gathered
+    arrays in it), or None for one input or a model that declares none."""
+    graph = _keras_internals.functional_graph(model)
+    declared = getattr(graph, "input", None) if graph is not None else None
+    return declared if isinstance(declared, (dict, list, tuple)) else None
+
+
+def _sharded(x, arrays):
+    """The global batch whose slice on this process is `x`, laid out as `fit` lays out its batches
+    under the current `keras.distribution` (else split over every device of every process)."""
+    import jax
+
+    distribution = keras.distribution.distribution()
+    shardings = []
+    for array in arrays:
+        if distribution is not None:
+            global_shape = (array.shape[0] * jax.process_count(), *array.shape[1:])
+            shardings.append(distribution.get_data_layout(global_shape).backend_layout)
+        else:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+            shardings.append(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    global_arrays = [jax.make_array_from_process_local_data(sharding, array)
+                     for sharding, array in zip(shardings, arrays)]
+    return keras.tree.pack_sequence_as(x, global_arrays)
+
+
+def _gathered(structure, arrays, sizes):
+    """Every process's batch of this step together, in process order, as one NumPy batch in
+    every process (a process without a batch gives none), packed like `structure`. Bytes
+    travel, so no dtype is rounded."""
+    present = np.flatnonzero(sizes)
+    # Every process learns the shapes and dtypes from the first process with a batch.
+    spec = _broadcast_spec(arrays, int(present[0]))
+    longest = int(sizes.max())
+    gathered = []
+    for index, (shape, dtype) in enumerate(spec):
+        row = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        local = np.zeros((longest, row), np.uint8)
+        if arrays:
+            array = np.ascontiguousarray(arrays[index], dtype)
+            local[: len(array)] = array.view(np.uint8).reshape(len(array), row)
+        table = _allgather(local)  # (processes, longest, row)
+        batch = np.ascontiguousarray(np.concatenate([table[p, : sizes[p]] for p in present]))
+        gathered.append(batch.view(dtype).reshape(-1, *shape))
+    if structure is None:
+        return gathered[0] if len(gathered) == 1 else gathered
+    return keras.tree.pack_sequence_as(structure, gathered)
+
+
+def _broadcast_spec(arrays, source):
+    """`[(shape beyond the batch axis, dtype)]` of process `source`'s arrays, in every process."""
+    import jax
+
+    text = b""
+    if jax.process_index() == source:
+        text = json.dumps([[list(a.shape[1:]), a.dtype.str] for a in arrays]).encode()
+    lengths = _allgather_float64(np.array([len(text)], "float64"))[:, 0].astype(int)
+    buffer = np.zeros(int(lengths.max()), np.uint8)
+    buffer[: len(text)] = np.frombuffer(text, np.uint8)
+    text = _allgather(buffer)[source, : lengths[source]].tobytes().decode()
+    return [(tuple(shape), np.dtype(dtype)) for shape, dtype in json.loads(text)]
+
+
+def _allgather(array):
+    """`array` of every process, stacked on a new first axis (JAX's `process_allgather`)."""
     from jax.experimental import multihost_utils
 
-    local = np.concatenate([[float(failed), examples, used], sums]).astype("float64")
-    # JAX without x64 would round float64 to float32 on the way: the bits travel as uint32.
-    gathered = np.asarray(multihost_utils.process_allgather(local.view("uint32")))
-    gathered = np.ascontiguousarray(gathered).view("float64").reshape(jax.process_count(), -1)
-    failed_processes = np.flatnonzero(gathered[:, 0]).tolist()
-    if failed_processes and not failed:
-        raise ValueError(
-            "estimate_population_statistics() failed in process(es) "
-            f"{failed_processes} of {jax.process_count()} (see their error); no BN layer was "
-            f"changed in process {jax.process_index()} either."
-        )
-    total = gathered.sum(axis=0)
-    return total[3:], int(total[1]), int(total[2])
+    return np.asarray(multihost_utils.process_allgather(array))
 
 
-def _check_finite(model, layers, statistics, where, x=None):
+def _allgather_float64(vector):
+    """A float64 vector of every process, one row each. JAX without x64 would round float64 to
+    float32 on the way: the bits travel as uint32."""
+    import jax
+
+    gathered = _allgather(np.ascontiguousarray(vector, "float64").view("uint32"))
+    return np.ascontiguousarray(gathered).view("float64").reshape(jax.process_count(), -1)
+
+
+def _signature(arrays):
+    """A number that differs between batches of different shapes (beyond the batch axis) or
+    dtypes, exact in float64."""
+    return float(zlib.crc32(repr([(a.shape[1:], a.dtype.str) for a in arrays]).encode()))
+
+
+def _non_finite(arrays):
+    return float(sum(int(np.count_nonzero(~np.isfinite(a))) for a in arrays
+                     if np.issubdtype(a.dtype, np.floating)))
+
+
+def _check_finite(model, layers, statistics, where, note=""):
     """Raises ValueError naming the first of `layers` whose statistics in the flat vector
     `statistics` (each layer's mean, then its variance, as `_statistics` orders them) are not
-    finite, and `where` they came from."""
+    finite, and `where` they came from; `note` says what the batch's inputs held."""
     if np.isfinite(statistics).all():
         return
     start = 0
@@ -217,7 +430,7 @@ def _check_finite(model, layers, statistics, where, x=None):
                     f"estimate_population_statistics() found non-finite statistics in "
                     f"{where}: BatchNormalization layer {layer.name!r} of model "
                     f"{model.name!r} gets a {name} with {bad} NaN or inf value(s)"
-                    f"{_input_note(x)}. No BN layer was changed. Remove or repair the "
+                    f"{note}. No BN layer was changed. Remove or repair the "
                     "non-finite examples (or find the layer whose activations overflow)."
                 )
             start += size
@@ -225,13 +438,8 @@ def _check_finite(model, layers, statistics, where, x=None):
 
 def _input_note(x):
     """`"; the batch itself holds N non-finite input values"` when it does, else `""`."""
-    if x is None:
-        return ""
-    bad = 0
-    for array in keras.tree.flatten(x):
-        array = np.asarray(ops.convert_to_numpy(array))
-        if np.issubdtype(array.dtype, np.floating):
-            bad += int(np.count_nonzero(~np.isfinite(array)))
+    arrays = [np.asarray(ops.convert_to_numpy(a)) for a in keras.tree.flatten(x)]
+    bad = int(_non_finite(arrays))
     return f"; the batch itself holds {bad} non-finite input value(s)" if bad else ""
 
 
