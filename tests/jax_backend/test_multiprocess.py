@@ -119,10 +119,10 @@ def test_training_on_two_processes_equals_one_process_on_the_global_batch(result
 
 
 @pytest.mark.parametrize("layer", list(worker.LAYERS))
-def test_population_statistics_of_uneven_shards_are_those_of_the_whole_data(results, layer):
+def test_population_statistics_of_shares_of_global_batches_equal_one_process(results, layer):
     per_process, single, _ = results
     for result in per_process:
-        assert int(result[f"batches/{layer}"]) == sum(worker.POPULATION_SPLIT)
+        assert int(result[f"batches/{layer}"]) == worker.EXAMPLES // worker.POPULATION_BATCH
         assert_close(result, single, keys(single, f"population/{layer}/"))
     # Not what training left: the estimate replaced the moving averages.
     name = "model/bn/moving_variance"
@@ -138,11 +138,86 @@ def test_population_statistics_callback_across_processes(results, layer):
         assert_close(result, single, [f"val_loss/{layer}", *keys(single, f"callback/{layer}/")])
 
 
+def numpy_population(result, prefix, layer, batches):
+    """Algorithm 2 over `batches` in float64 for `worker.dense_model` with the weights stored
+    under `prefix`: every BN normalizes each batch with that batch's statistics."""
+    def get(name):
+        return result[f"{prefix}/dense_model/{name}"].astype("float64")
+
+    unbiased = layer == "keras_bn"
+    sums, examples = {}, 0
+    for x in batches:
+        m = len(x)
+        first = x.astype("float64") @ get("dense_1/kernel") + get("dense_1/bias")
+        normalized = (first - first.mean(0)) / np.sqrt(first.var(0) + 1e-3)
+        hidden = np.maximum(normalized * get("bn_1/gamma") + get("bn_1/beta"), 0.0)
+        second = hidden @ get("dense_2/kernel") + get("dense_2/bias")
+        for bn, values in (("bn_1", first), ("bn_2", second)):
+            variance = values.var(0) * (m / (m - 1) if unbiased else 1.0)
+            for statistic, value in (("moving_mean", values.mean(0)),
+                                     ("moving_variance", variance)):
+                sums[f"{bn}/{statistic}"] = sums.get(f"{bn}/{statistic}", 0.0) + m * value
+        examples += m
+    return {name: total / examples for name, total in sums.items()}
+
+
+@pytest.mark.parametrize("layer", list(worker.LAYERS))
+def test_different_shards_give_every_process_the_global_batch_statistics(results, layer):
+    per_process, _, _ = results
+    shards = [worker.shard(i) for i in range(PROCESSES)]
+    batches = worker.global_batches(shards, worker.SHARD_BATCH)
+    assert [len(b) for b in batches] == [32] * 5 + [20, 4]  # unequal and missing slices
+    within = [b for x in shards for b in worker.global_batches([x], worker.SHARD_BATCH)]
+    for stage, weights in (("estimate", "initial"), ("callback", "callback")):
+        # Each process holds the same weights: process 0's give the NumPy reference.
+        want = numpy_population(per_process[0], f"shards/{layer}/{weights}", layer, batches)
+        old = numpy_population(per_process[0], f"shards/{layer}/{weights}", layer, within)
+        for result in per_process:
+            for name, value in want.items():
+                got = result[f"shards/{layer}/{stage}/dense_model/{name}"]
+                np.testing.assert_allclose(got, value, rtol=1e-4, atol=1e-4,
+                                           err_msg=f"{stage} {name}")
+            # Within-process batches miss the spread between the shards (a channel whose Dense
+            # weights move the shards' means apart has several times more variance).
+            got = result[f"shards/{layer}/{stage}/dense_model/bn_1/moving_variance"]
+            assert (got / old["bn_1/moving_variance"]).max() > 3
+    for result in per_process:
+        assert int(result[f"shards/{layer}/batches"]) == len(batches)
+
+
+def test_the_issue_table_shards_centred_at_plus_and_minus_3(results):
+    """Two shards of 256 examples at +3 and -3 (standard deviation 1), batches of 16 each: the
+    estimate's variance is the variance of all the data (about 10), not the within-shard 1."""
+    per_process, _, _ = results
+    shards = [worker.shard(i, worker.TABLE_SHARDS) for i in range(PROCESSES)]
+    everything = np.concatenate(shards).astype("float64")
+    batches = worker.global_batches(shards, worker.SHARD_BATCH)
+    m = len(batches[0])
+    global_variance = np.mean([b.astype("float64").var(0) * m / (m - 1) for b in batches], 0)
+    for result in per_process:
+        np.testing.assert_allclose(result["table/table/bn/moving_mean"], everything.mean(0),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(result["table/table/bn/moving_variance"], global_variance,
+                                   rtol=1e-5)
+        # Not the within-shard 1: the variance of all the data, to within m / (m - 1) = 32 / 31
+        # and the spread of the batch means.
+        np.testing.assert_allclose(result["table/table/bn/moving_variance"], everything.var(0),
+                                   rtol=0.05)
+
+
 def test_a_failed_estimate_in_one_process_fails_every_process_and_changes_nothing(results):
     per_process, _, _ = results
-    assert "non-finite statistics" in str(per_process[1]["failure/message"])
-    assert "failed in process(es) [1] of 2" in str(per_process[0]["failure/message"])
-    assert all(bool(result["failure/unchanged"]) for result in per_process)
+    # A NaN in process 1's half of global batch 1: both see the global batch's NaN statistics.
+    for result in per_process:
+        message = str(result["failure/nan/message"])
+        assert "non-finite statistics in global batch 1 (counting from 0)" in message
+        assert "process 1's batch holds 108 non-finite input value(s)" in message  # 6 x 6 x 3
+    # A batch of the wrong shape in process 1: refused there before any collective step.
+    assert "batch 0 (counting from 0) of process 1 does not fit input" in str(
+        per_process[1]["failure/shape/message"])
+    assert "failed in process(es) [1] of 2" in str(per_process[0]["failure/shape/message"])
+    assert all(bool(result[f"failure/{failure}/unchanged"])
+               for result in per_process for failure in ("nan", "shape"))
 
 
 @pytest.mark.parametrize("layer", list(worker.LAYERS))
