@@ -1,5 +1,16 @@
 """keras-bn: Batch Normalization (Ioffe & Szegedy 2015) as a deployable part of a Keras 3 model."""
 
+try:
+    import keras  # noqa: F401  Keras imports its backend here
+except ModuleNotFoundError as error:
+    if error.name in (None, "keras") or error.name.startswith("keras."):
+        raise
+    raise ModuleNotFoundError(  # Keras is installed, its backend is not
+        f"keras-bn runs on Keras, whose backend is missing ({error}). Install one: pip install "
+        "tensorflow (the default backend; export needs it), or jax or torch with "
+        "KERAS_BACKEND=jax / torch"
+    ) from error
+
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.callbacks import PopulationStatistics
 from keras_bn.folding import FoldReport, fold_batchnorm

@@ -142,6 +142,15 @@ def test_library_runs_on_jax_without_tensorflow():
     assert result["fold_error"] < 1e-4 * max(1.0, result["scale"])
 
 
+def test_import_without_a_backend_says_which_to_install():
+    done = _run({"tensorflow"}, "import keras_bn\n", backend="tensorflow")
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: keras-bn runs on Keras, whose backend is "
+                           "missing (No module named 'tensorflow'). Install one: pip install "
+                           "tensorflow"), last
+
+
 @pytest.mark.parametrize("package", sorted(_extras()[1]["export"]))
 def test_import_export_without_its_extra_names_the_extra(package):
     done = _run({package}, """
