@@ -7,12 +7,17 @@ model (folded, frozen, converted to ONNX) still computes what the original compu
   naming the layer;
 - `random_inputs`: one random batch for a model's inputs;
 - `output_error`: `max|received - expected|` and the scale it is judged against;
+- `output_variation`: how much the reference outputs vary over the verification inputs, and
+  `can_show_error`: whether they vary enough for a comparison to fail at the tolerance;
 - `default_tolerance`: the tolerance of the least precise compute dtype among a model's layers;
 - `VerificationError`: raised when the error exceeds `tolerance * scale`.
 
 A rewrite passes when `max|received - expected| <= tolerance * max(1, max|expected|)` over every
 output. A non-finite value received where the reference is finite is an infinite error, so a fold
-that produced NaN can never pass.
+that produced NaN can never pass. A comparison proves something only when the reference outputs
+vary over the verification inputs by more than that tolerance: an untrained network whose
+softmax gives every class 0.001 for every input, or whose ReLUs are all dead, would pass any
+rewrite. Such a check is reported as not verified (`can_show_error`), never as verified.
 """
 
 import keras
@@ -200,6 +205,36 @@ def output_error(expected, received):
         max_error = max(max_error, float(difference.max(initial=0.0)))
         scale = max(scale, float(np.abs(y[np.isfinite(y)]).max(initial=0.0)))
     return max_error, scale
+
+
+def output_variation(expected):
+    """How much the reference outputs vary over the examples of the verification batch:
+    `max|y_i - y_0|` over every example i, value and output (finite values only; 0 for a batch
+    of one example).
+
+    Args:
+        expected: the reference outputs on a batch, an array or a structure of arrays or
+            tensors, the batch on the first axis.
+
+    Returns:
+        A float, 0 when every example gives the same outputs.
+    """
+    variation = 0.0
+    for y in _as_arrays(expected):
+        if y.ndim == 0 or len(y) < 2:
+            continue
+        with np.errstate(invalid="ignore"):
+            spread = np.abs(y - y[:1])
+        spread = spread[np.isfinite(spread)]
+        variation = max(variation, float(spread.max(initial=0.0)))
+    return variation
+
+
+def can_show_error(variation, scale, tolerance):
+    """Whether a comparison at `tolerance` could fail: the reference outputs vary over the
+    verification inputs by more than `tolerance * scale`. Outputs that do not (constant, or
+    nearly: a saturated softmax, dead ReLUs) would pass any rewrite that keeps them constant."""
+    return bool(variation > tolerance * scale)
 
 
 def within_tolerance(max_error, scale, tolerance):

@@ -327,16 +327,22 @@ def _is_graph_model(layer):
 def _verify(original, folded, report, tolerance):
     """Compares the two models' inference outputs on a random batch; records or raises.
 
-    Sets `report.max_error`, `report.scale` and `report.tolerance`.
+    Sets `report.max_error`, `report.scale`, `report.tolerance`, `report.variation` and
+    `report.examples`. Outputs that are constant over the batch pass but are reported (and
+    logged) as not verified: they could not show a wrong fold.
     """
     if tolerance is None:
         tolerance = verification.default_tolerance(original)
-    batch = verification.as_model_input(original, verification.random_inputs(original))
-    max_error, scale = verification.output_error(
-        original(batch, training=False), folded(batch, training=False)
-    )
+    arrays = verification.random_inputs(original)
+    batch = verification.as_model_input(original, arrays)
+    expected = original(batch, training=False)
+    max_error, scale = verification.output_error(expected, folded(batch, training=False))
     report.max_error, report.scale, report.tolerance = max_error, scale, tolerance
+    report.variation = verification.output_variation(expected)
+    report.examples = len(arrays[0])
     if verification.within_tolerance(max_error, scale, tolerance):
+        if report.outputs_constant:
+            logger.warning("fold_batchnorm(): %s", report.verification_line())
         return
     if not max_error < float("inf"):
         raise verification.VerificationError(

@@ -84,7 +84,8 @@ def prepare_qat(model, weight_bits="auto", activation_bits=8, target=DEFAULT_TAR
         unchanged. Its attribute `qat_report` is a `keras_bn.FoldReport`: the BN fused (with the
         layer they fused into), the BN kept in float and why, and the largest difference between
         the two models' inference outputs on a random batch (the kernels' rounding; the inputs
-        are not quantized until training has seen a batch).
+        are not quantized until training has seen a batch): a comparison with the float model,
+        never "verified", since a fake-quantized model differs from it by design.
 
     Raises:
         TypeError: `model` is not a Functional or Sequential `keras.Model`.
@@ -150,10 +151,17 @@ def prepare_qat(model, weight_bits="auto", activation_bits=8, target=DEFAULT_TAR
         else:
             new_layer.set_weights(layer.get_weights())
 
-    batch = verification.as_model_input(model, verification.random_inputs(model))
+    # A comparison, not a verification: fake-quantized kernels differ from float by design.
+    arrays = verification.random_inputs(model)
+    batch = verification.as_model_input(model, arrays)
+    expected = model(batch, training=False)
     report.max_error, report.scale = verification.output_error(
-        model(batch, training=False), qat_model(batch, training=False)
+        expected, qat_model(batch, training=False)
     )
+    report.compared_with = "the float model"
+    report.variation = verification.output_variation(expected)
+    report.examples = len(arrays[0])
+    report.tolerance = None
     qat_model.qat_report = report
     logger.info(report.summary_line())
     logger.debug("%s", report)
