@@ -2,13 +2,16 @@
 
 (a) test accuracy vs training steps; (b, c) the 15th, 50th and 85th percentiles, over the test set,
 of the input to one sigmoid of the last hidden layer, without BN (b, drifting) and with BN (c,
-stable). Data: an MNIST `.npz` given with --data, else scikit-learn's bundled 8x8 digits.
+stable). Data: --data fashion-mnist (Debian's dataset-fashion-mnist), a folder of MNIST-format
+IDX files or an MNIST `.npz`, else scikit-learn's bundled 8x8 digits.
 
     .venv/bin/python -m examples.figure1                    # digits, writes benchmarks/results/
-    .venv/bin/python -m examples.figure1 --data mnist.npz --steps 50000
+    .venv/bin/python -m examples.figure1 --data fashion-mnist --steps 50000
     .venv/bin/python -m examples.figure1 --quick --output-dir /tmp/fig1
 
-Run from the repository root. Writes figure1.json, figure1.png and figure1.md in --output-dir.
+Run from the repository root. Writes figure1.json, figure1.png and figure1.md in --output-dir
+(figure1_<data>.* for another data set than digits, e.g. figure1_fashion-mnist.json). The final
+accuracies come with their 95% Wilson intervals on the test set.
 """
 import os
 
@@ -20,6 +23,7 @@ import dataclasses
 import numpy as np
 
 from examples import cli, devices, reporting, training, variants
+from examples import statistics as accuracy_statistics
 from examples.data import load_dataset
 from examples.models import sigmoid_input_layer
 
@@ -55,6 +59,8 @@ def run_figure1(data, config, unit=0, seed=0, verbose=1):
             label=f"Figure 1, {label}",
         )
         results[label] = history.to_dict()
+        correct = np.argmax(training.predict(model, data.x_test), axis=-1) == data.y_test
+        results[label]["final_interval"] = accuracy_statistics.accuracy_interval(correct)
     return results
 
 
@@ -86,14 +92,15 @@ def plot_figure1(results, path, title):
 def markdown(results, config):
     lines = [
         "| network | best test accuracy | final (moving averages) "
-        "| final (population statistics) |",
+        "| final (population statistics) [95% CI] |",
         "|---|---|---|---|",
     ]
     for label, h in results.items():
+        final = (accuracy_statistics.format_accuracy(h["final_interval"])
+                 if "final_interval" in h else f"{(h['final_accuracy'] or float('nan')):.1%}")
         lines.append(
             f"| {label} | {max(h['accuracy']):.1%} | "
-            f"{(h['final_accuracy_moving'] or float('nan')):.1%} | "
-            f"{(h['final_accuracy'] or float('nan')):.1%} |"
+            f"{(h['final_accuracy_moving'] or float('nan')):.1%} | {final} |"
         )
     return (
         f"Figure 1 network, {config.steps} steps of {config.batch_size}, momentum SGD, "
@@ -126,15 +133,17 @@ def main(argv=None):
         replicas = devices.replica_count()
         results = run_figure1(data, config, unit=args.unit, seed=seed, verbose=args.verbose)
     out = args.output_dir
-    payload = {"data": data.name, "config": dataclasses.asdict(config), "unit": args.unit,
+    stem = "figure1" if data.name == "digits" else f"figure1_{data.name}"
+    payload = {"data": data.name, "test_examples": int(len(data.y_test)),
+               "config": dataclasses.asdict(config), "unit": args.unit,
                "seed": seed, "replicas": replicas, "results": results}
-    reporting.write_json(os.path.join(out, "figure1.json"), payload)
-    plot_figure1(results, os.path.join(out, "figure1.png"),
+    reporting.write_json(os.path.join(out, f"{stem}.json"), payload)
+    plot_figure1(results, os.path.join(out, f"{stem}.png"),
                  f"Figure 1 on {data.name}: 3 x Dense(100, sigmoid), with and without BN")
-    table = markdown(results, config)
-    reporting.write_text(os.path.join(out, "figure1.md"), table)
+    table = (f"{data.name}, {len(data.y_test)} test images. " + markdown(results, config))
+    reporting.write_text(os.path.join(out, f"{stem}.md"), table)
     print(table)
-    print(f"Wrote figure1.json, figure1.png, figure1.md to {out}")
+    print(f"Wrote {stem}.json, {stem}.png, {stem}.md to {out}")
 
 
 if __name__ == "__main__":

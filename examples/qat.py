@@ -1,26 +1,35 @@
-"""Quantization-aware training against post-training int8, on digits: what each int8 file keeps.
+"""Quantization-aware training against post-training int8: what each int8 file keeps.
 
-For each network and seed:
+On digits (default) or Fashion-MNIST (`--data fashion-mnist`, 10,000 test images), for each
+network and seed:
 
 1. the float network is trained (BN-Inception BN-x5 with the recipe of `benchmarks.quantize`, or a
    small MobileNetV2-like network of depthwise separable inverted residual blocks), population
    statistics estimated (Algorithm 2): its test accuracy is the float figure;
-2. post-training int8 (PTQ): `export.to_onnx(model, quantize="int8")` calibrated on 512 training
-   digits; its accuracy in onnxruntime;
-3. QAT int8: `keras_bn.prepare_qat(model)` fine-tuned for `--qat-steps` momentum-SGD steps at
-   `--qat-learning-rate` (the first two thirds on batch statistics; then the population
-   statistics estimated and `keras_bn.freeze_bn_statistics` for the rest), then
+2. post-training int8 (PTQ): `export.to_onnx(model, quantize="int8", target=t)` for each
+   deployment target t of `--ptq-targets` (cpu, cpu-vnni, tensorrt), calibrated on 512 training
+   images; its accuracy in onnxruntime;
+3. QAT int8: `keras_bn.prepare_qat(model, target=t)` for each t of `--qat-targets`, fine-tuned
+   for `--qat-steps` momentum-SGD steps at `--qat-learning-rate` (the first two thirds on batch
+   statistics; then the population statistics estimated and `keras_bn.freeze_bn_statistics` for
+   the rest), then
    `export.to_onnx(qat_model)`, no calibration; its accuracy in onnxruntime;
 4. the same at 4-bit weights (`weight_bits=4`, 8-bit activations): PTQ-4 is
    `prepare_qat(model, weight_bits=4)` with its statistics frozen and its input ranges set on
-   the same 512 training digits by steps at learning rate 0 (post-training: nothing learns but
+   the same 512 training images by steps at learning rate 0 (post-training: nothing learns but
    the ranges); QAT-4 fine-tunes as in 3;
 5. the cost of a QAT training step relative to a float one (median step time, same batches).
 
-Writes `--output-dir`/qat.json and qat.md, and merges the summary into quantize.json under "qat".
+Every accuracy comes with its 95% Wilson interval on the test set, and every comparison (PTQ vs
+float, QAT vs PTQ, ...) with McNemar's exact test on the same test images (`examples.statistics`).
+Population statistics (Algorithm 2) average 128 training batches of 32.
+
+Writes `--output-dir`/qat.json and qat.md (qat_<data>.json and .md for another data set than
+digits), and merges the digits summary into quantize.json under "qat".
 
     python -m examples.qat                       # both networks, seeds 0 1 2 (about 25 min)
     python -m examples.qat --quick --output-dir /tmp/qat    # one seed, a few steps: a smoke run
+    python -m examples.qat --data fashion-mnist --seeds 0 --float-steps 1000 --qat-steps 300
 
 TensorFlow backend (the export needs it). onnxruntime on 2 threads, spinning off. The int8
 figures are accuracies, not latencies; the CPU's int8 instructions do not change them.
@@ -32,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import argparse
-import statistics
+import sys
 import tempfile
 import time
 
@@ -43,6 +52,7 @@ import onnxruntime
 import export
 import keras_bn
 from examples import cli, reporting, training
+from examples import statistics as accuracy_statistics
 from examples.data import load_dataset
 from examples.variants import build_variant
 from keras_bn.verification import quantization_step
@@ -56,6 +66,11 @@ MOBILENET = dict(learning_rate=0.05, steps=600, batch_size=32)
 # trained solution.
 QAT_LEARNING_RATE = 0.001
 CALIBRATION_EXAMPLES = 512
+# Algorithm 2 over this many training batches of 32 (all of digits' 42; 4,096 Fashion-MNIST images).
+POPULATION_BATCHES = 128
+TARGETS = ("cpu", "cpu-vnni", "tensorrt")
+# Step times compared over at most this many steps (the median after the first 5).
+TIMED_STEPS = 60
 # The issue's targets.
 MAX_QAT_DROP_POINTS = 0.2
 
@@ -97,6 +112,7 @@ def train_float(network, data, seed, steps):
             family="inception", learning_rate=INCEPTION["learning_rate"],
             batch_size=INCEPTION["batch_size"], steps=steps, eval_every=steps,
             alpha=INCEPTION["alpha"], statistics="moving", final_population=True,
+            population_batches=POPULATION_BATCHES,
         )
         model = build_variant("BN-x5", config, data.input_shape, data.classes, seed=seed)
         training.train_and_track(model, data, config, seed=seed, verbose=0)
@@ -107,8 +123,14 @@ def train_float(network, data, seed, steps):
                                      reshuffle=True, seed=seed).reshape(-1)
     model.fit(data.x_train[batches], data.y_train[batches], batch_size=MOBILENET["batch_size"],
               shuffle=False, verbose=0)
-    keras_bn.estimate_population_statistics(model, data.x_train, batch_size=32, verbose=0)
+    estimate_population(model, data)
     return model
+
+
+def estimate_population(model, data):
+    """Algorithm 2 over the first `POPULATION_BATCHES` training batches of 32."""
+    keras_bn.estimate_population_statistics(model, data.x_train[:POPULATION_BATCHES * 32],
+                                            batch_size=32, verbose=0)
 
 
 def compile_for_training(model, learning_rate):
@@ -141,7 +163,7 @@ def fine_tune(model, data, steps, seed, learning_rate=QAT_LEARNING_RATE):
     model.fit(data.x_train[batches[:split]], data.y_train[batches[:split]], batch_size=32,
               shuffle=False, verbose=0, callbacks=[timer])
     times = list(timer.seconds)
-    keras_bn.estimate_population_statistics(model, data.x_train, batch_size=32, verbose=0)
+    estimate_population(model, data)
     keras_bn.freeze_bn_statistics(model)
     model.fit(data.x_train[batches[split:]], data.y_train[batches[split:]], batch_size=32,
               shuffle=False, verbose=0)
@@ -162,8 +184,9 @@ def float_step_times(model, data, steps, seed, learning_rate):
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     compile_for_training(copy, learning_rate)
+    timed = min(2 * steps // 3, TIMED_STEPS)
     batches = training.batch_indices(len(data.x_train), 32, steps, reshuffle=True,
-                                     seed=seed + 1000).reshape(-1)[:(2 * steps // 3) * 32]
+                                     seed=seed + 1000).reshape(-1)[:timed * 32]
     timer = StepTimes()
     copy.fit(data.x_train[batches], data.y_train[batches], batch_size=32, shuffle=False,
              verbose=0, callbacks=[timer])
@@ -180,20 +203,33 @@ def onnx_outputs(path, x):
                            for i in range(0, len(x), 256)])
 
 
-def onnx_accuracy(path, x, y):
-    return float(np.mean(np.argmax(onnx_outputs(path, x), axis=-1) == y))
+def onnx_correct(path, x, y):
+    """Per test image: whether the ONNX graph's top-1 class is right."""
+    return np.argmax(onnx_outputs(path, x), axis=-1) == y
 
 
-def steps_from_keras(path, model, x):
-    """How far the graph's outputs on `x` lie from the Keras model's, in quantization steps of
-    the output (its range / 255): the largest, and the fraction beyond one step."""
-    expected = training.predict(model, x)
+def steps_from_keras(path, expected, x):
+    """How far the graph's outputs on `x` lie from the Keras model's (`expected`), in
+    quantization steps of the output (its range / 255): the largest, and the fraction beyond one
+    step."""
     steps = np.abs(onnx_outputs(path, x) - expected) / quantization_step(expected)
     return float(steps.max()), float(np.mean(steps > 1.0))
 
 
 def median_step_ms(seconds):
-    return 1000 * statistics.median(seconds[5:] or seconds)
+    seconds = seconds[:TIMED_STEPS]
+    return 1000 * float(np.median(seconds[5:] or seconds))
+
+
+def comparisons(correct, ptq_targets, qat_targets):
+    """The paired comparisons (B vs A) of one network and seed: {"B vs A": McNemar's test}."""
+    pairs = [(f"ptq8_{t}", "float") for t in ptq_targets]
+    for t in qat_targets:
+        pairs += [(f"qat8_{t}", "float")] + ([(f"qat8_{t}", f"ptq8_{t}")]
+                                              if t in ptq_targets else [])
+    pairs += [("ptq4", "float"), ("qat4", "float"), ("qat4", "ptq4")]
+    return {f"{b} vs {a}": accuracy_statistics.paired_comparison(correct[a], correct[b])
+            for b, a in pairs}
 
 
 def run_one(network, data, seed, args, folder):
@@ -202,29 +238,46 @@ def run_one(network, data, seed, args, folder):
     model = train_float(network, data, seed, args.float_steps)
     x_test, y_test = data.x_test, data.y_test
     calibration = data.x_train[:CALIBRATION_EXAMPLES]
-    row = {"network": network, "seed": seed,
-           "float": training.evaluate_accuracy(model, x_test, y_test)}
+    correct = {"float": np.argmax(training.predict(model, x_test), axis=-1) == y_test}
+    row = {"network": network, "seed": seed}
     path = os.path.join(folder, f"{network}_{seed}")
-    result = export.to_onnx(model, f"{path}_ptq8.onnx", quantize="int8",
-                            calibration_data=calibration, min_agreement=0.0, verbose=0)
-    row["ptq8"] = onnx_accuracy(f"{path}_ptq8.onnx", x_test, y_test)
-    row["ptq8_target"] = result.target
-    for bits in (8, 4):
-        # 8: the "cpu" target's int8 grid (7-bit kernels, right on every x86 CPU)
-        qat_model = keras_bn.prepare_qat(model, weight_bits="auto" if bits == 8 else bits)
+    for target in args.ptq_targets:
+        result = export.to_onnx(model, f"{path}_ptq8_{target}.onnx", quantize="int8",
+                                target=target, calibration_data=calibration, min_agreement=0.0,
+                                verbose=0)
+        correct[f"ptq8_{target}"] = onnx_correct(f"{path}_ptq8_{target}.onnx", x_test, y_test)
+        row[f"ptq8_{target}_target"] = result.target
+    qat_runs = [(8, target) for target in args.qat_targets] + [(4, args.qat_targets[0])]
+    for bits, target in qat_runs:
+        key = f"qat8_{target}" if bits == 8 else "qat4"
+        # 8: the target's widest int8 grid ('cpu': 7-bit kernels, right on every x86 CPU)
+        qat_model = keras_bn.prepare_qat(model, weight_bits="auto" if bits == 8 else bits,
+                                         target=target)
         times = fine_tune(qat_model, data, args.qat_steps, seed, args.qat_learning_rate)
-        result = export.to_onnx(qat_model, f"{path}_qat{bits}.onnx")
-        row[f"qat{bits}"] = onnx_accuracy(f"{path}_qat{bits}.onnx", x_test, y_test)
-        row[f"qat{bits}_keras"] = training.evaluate_accuracy(qat_model, x_test, y_test)
-        row[f"qat{bits}_test_steps_max"], row[f"qat{bits}_test_beyond_one_step"] = \
-            steps_from_keras(f"{path}_qat{bits}.onnx", qat_model, x_test)
-        row[f"qat{bits}_verification_steps_max"] = result.max_error_steps
-        if bits == 8:
+        result = export.to_onnx(qat_model, f"{path}_{key}.onnx")
+        correct[key] = onnx_correct(f"{path}_{key}.onnx", x_test, y_test)
+        expected = training.predict(qat_model, x_test)
+        row[f"{key}_keras"] = float(np.mean(np.argmax(expected, axis=-1) == y_test))
+        row[f"{key}_test_steps_max"], row[f"{key}_test_beyond_one_step"] = \
+            steps_from_keras(f"{path}_{key}.onnx", expected, x_test)
+        row[f"{key}_verification_steps_max"] = result.max_error_steps
+        if "qat_step_ms" not in row:
             row["qat_step_ms"] = median_step_ms(times)
-    ptq4 = keras_bn.prepare_qat(model, weight_bits=4)
+    ptq4 = keras_bn.prepare_qat(model, weight_bits=4, target=args.qat_targets[0])
     calibrate_ranges(ptq4, calibration)
     export.to_onnx(ptq4, f"{path}_ptq4.onnx")
-    row["ptq4"] = onnx_accuracy(f"{path}_ptq4.onnx", x_test, y_test)
+    correct["ptq4"] = onnx_correct(f"{path}_ptq4.onnx", x_test, y_test)
+    for key, values in correct.items():
+        row[key] = float(np.mean(values))
+    # The first target's figures under the names the digits results have always used.
+    row["ptq8"] = row[f"ptq8_{args.ptq_targets[0]}"]
+    row["qat8"] = row[f"qat8_{args.qat_targets[0]}"]
+    for key in ("keras", "test_steps_max", "test_beyond_one_step", "verification_steps_max"):
+        row[f"qat8_{key}"] = row[f"qat8_{args.qat_targets[0]}_{key}"]
+    row["test_examples"] = int(len(y_test))
+    row["intervals"] = {key: accuracy_statistics.accuracy_interval(values)
+                        for key, values in correct.items()}
+    row["comparisons"] = comparisons(correct, args.ptq_targets, args.qat_targets)
     row["float_step_ms"] = median_step_ms(float_step_times(model, data, args.qat_steps, seed,
                                                          args.qat_learning_rate))
     row["qat_step_cost"] = row["qat_step_ms"] / row["float_step_ms"]
@@ -269,6 +322,38 @@ def table(rows, summary):
     return "\n".join(lines)
 
 
+LABELS = {"float": "float", "ptq4": "PTQ 4-bit weights", "qat4": "QAT 4-bit weights"}
+
+
+def _label(key):
+    if key in LABELS:
+        return LABELS[key]
+    kind, target = key.split("_", 1)
+    return f"{'PTQ' if kind == 'ptq8' else 'QAT'} int8, target {target}"
+
+
+def interval_tables(rows):
+    """Per network and seed: each accuracy with its 95% interval, and McNemar's paired tests
+    against float and against the post-training file of the same bits and target."""
+    blocks = []
+    for r in rows:
+        lines = [f"{r['network']}, seed {r['seed']}, {r['test_examples']} test images "
+                 "(difference in points [95% CI], McNemar's exact p, discordant images "
+                 "reference only / this only):", "",
+                 "| model | accuracy [95% CI] | vs float | vs post-training |",
+                 "|---|---|---|---|"]
+        for key, interval in r["intervals"].items():
+            cells = []
+            for reference in ("float", "ptq4" if key == "qat4" else key.replace("qat8", "ptq8")):
+                comparison = r["comparisons"].get(f"{key} vs {reference}")
+                cells.append(accuracy_statistics.format_comparison(comparison)
+                             if comparison else "")
+            lines.append(f"| {_label(key)} | {accuracy_statistics.format_accuracy(interval)} | "
+                         f"{cells[0]} | {cells[1]} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,6 +365,13 @@ def main(argv=None):
     parser.add_argument("--qat-steps", type=int, default=300, help="QAT fine-tuning steps")
     parser.add_argument("--qat-learning-rate", type=float, default=QAT_LEARNING_RATE,
                         help="momentum-SGD rate of the QAT fine-tuning")
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (default), 'fashion-mnist' or a folder of MNIST-format IDX "
+                             "files (examples.data)")
+    parser.add_argument("--ptq-targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                        help="deployment targets of the post-training int8 files")
+    parser.add_argument("--qat-targets", nargs="+", choices=TARGETS, default=["cpu"],
+                        help="targets QAT int8 trains for (the first also for 4-bit weights)")
     parser.add_argument("--quick", action="store_true", help="one seed, a few steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -287,32 +379,56 @@ def main(argv=None):
     if min(args.float_steps, args.qat_steps) < 3:
         raise ValueError(f"--float-steps and --qat-steps must be at least 3. Received: "
                          f"{args.float_steps} and {args.qat_steps}")
-    data = load_dataset("digits")
+    data = load_dataset(args.data)
     start = time.perf_counter()
     rows = []
+    command = "python -m examples.qat " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as folder:
         for network in args.networks:
             for seed in args.seeds:
                 keras.backend.clear_session()
                 rows.append(run_one(network, data, seed, args, folder))
-    summary = summarize(rows, args.networks)
+                # Written after every row: a run cut short keeps what it measured.
+                result = write_results(args, data, rows, command, time.perf_counter() - start)
+    return result
+
+
+def write_results(args, data, rows, command, seconds):
+    """qat.json and qat.md (qat_<data>.* off digits) for the rows measured so far."""
+    networks = [n for n in args.networks if any(r["network"] == n for r in rows)]
+    summary = summarize(rows, networks)
+    complete = len(rows) == len(args.networks) * len(args.seeds)
     result = {
-        "what": "float, post-training int8 (PTQ) and QAT int8 test accuracy on the 449 test "
-                "digits, in onnxruntime; 4-bit weights both ways; QAT step time / float",
-        "command": "python -m examples.qat" + (" --quick" if args.quick else ""),
+        "what": f"float, post-training int8 (PTQ, targets {', '.join(args.ptq_targets)}) and "
+                f"QAT int8 (targets {', '.join(args.qat_targets)}) test accuracy on the "
+                f"{len(data.y_test)} test images of {data.name}, in onnxruntime, each with its "
+                "95% Wilson interval; 4-bit weights both ways; paired comparisons by McNemar's "
+                "exact test on the same test images; QAT step time / float",
+        "command": command, "complete": complete,
+        "data": data.name, "test_examples": int(len(data.y_test)),
+        "train_examples": int(len(data.y_train)), "seeds": args.seeds,
+        "ptq_targets": args.ptq_targets, "qat_targets": args.qat_targets,
+        "population_batches": POPULATION_BATCHES,
         "float_steps": args.float_steps, "qat_steps": args.qat_steps,
         "qat_learning_rate": args.qat_learning_rate, "calibration_examples": CALIBRATION_EXAMPLES,
-        "rows": rows, "summary": summary, "seconds": time.perf_counter() - start,
+        "rows": rows, "summary": summary, "seconds": seconds,
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    reporting.write_json(os.path.join(args.output_dir, "qat.json"), result)
-    markdown = table(rows, summary)
-    with open(os.path.join(args.output_dir, "qat.md"), "w") as f:
-        f.write(markdown + "\n")
-    reporting.merge_json(os.path.join(args.output_dir, "quantize.json"), "qat",
-                         {"command": result["command"], "summary": summary})
-    print(markdown)
-    print(f"wrote {args.output_dir}/qat.json, qat.md (and the 'qat' key of quantize.json)")
+    stem = "qat" if data.name == "digits" else f"qat_{data.name}"
+    reporting.write_json(os.path.join(args.output_dir, f"{stem}.json"), result)
+    markdown = (f"{result['what']}.\n\n`{command}`: float {args.float_steps} steps, QAT "
+                f"{args.qat_steps} steps, seeds {[r['seed'] for r in rows]}"
+                f"{'' if complete else ' (incomplete run)'}\n\n" + table(rows, summary)
+                + "\n\n" + interval_tables(rows))
+    reporting.write_text(os.path.join(args.output_dir, f"{stem}.md"), markdown + "\n")
+    written = f"{args.output_dir}/{stem}.json, {stem}.md"
+    if data.name == "digits" and complete:
+        reporting.merge_json(os.path.join(args.output_dir, "quantize.json"), "qat",
+                             {"command": result["command"], "summary": summary})
+        written += " (and the 'qat' key of quantize.json)"
+    if complete:
+        print(markdown)
+        print(f"wrote {written}")
     return result
 
 

@@ -137,3 +137,25 @@ def test_command_line_prints_one_line_for_missing_data(tmp_path, monkeypatch, ca
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset-fashion-mnist" in err
+
+
+def test_figure1_on_an_idx_folder_names_its_results_after_the_data(tmp_path, monkeypatch, capsys):
+    from examples import figure1
+
+    write_idx_folder(tmp_path / "fashion-mnist")
+    monkeypatch.setenv("KERAS_BN_DATA", str(tmp_path))
+    figure1.main(["--quick", "--steps", "4", "--batch-size", "4", "--data", "fashion-mnist",
+                  "--output-dir", str(tmp_path / "out"), "--verbose", "0"])
+    payload = json_load(tmp_path / "out" / "figure1_fashion-mnist.json")
+    assert payload["data"] == "fashion-mnist" and payload["test_examples"] == TEST
+    interval = payload["results"]["with BN"]["final_interval"]
+    assert interval["n"] == TEST and interval["low"] <= interval["accuracy"] <= interval["high"]
+    assert "5 test images" in (tmp_path / "out" / "figure1_fashion-mnist.md").read_text()
+    assert not (tmp_path / "out" / "figure1.json").exists()  # digits' results stay as they are
+    assert "Wrote figure1_fashion-mnist.json" in capsys.readouterr().out
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())
