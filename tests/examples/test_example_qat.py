@@ -31,3 +31,25 @@ def test_quick_run_writes_every_accuracy(tmp_path, capsys):
     assert "| mobilenet | 0 |" in (tmp_path / "qat.md").read_text()
     assert "mobilenet seed 0: float" in capsys.readouterr().out
 
+
+
+def test_comparisons_and_interval_tables_pair_each_file_with_its_reference():
+    import numpy as np
+
+    from examples import statistics
+
+    rng = np.random.default_rng(0)
+    keys = ["float", "ptq8_cpu", "ptq8_tensorrt", "qat8_cpu", "ptq4", "qat4"]
+    correct = {key: rng.random(400) < 0.8 for key in keys}
+    comparisons = qat.comparisons(correct, ["cpu", "tensorrt"], ["cpu"])
+    assert set(comparisons) == {"ptq8_cpu vs float", "ptq8_tensorrt vs float", "qat8_cpu vs float",
+                                "qat8_cpu vs ptq8_cpu", "ptq4 vs float", "qat4 vs float",
+                                "qat4 vs ptq4"}
+    expected = statistics.paired_comparison(correct["ptq8_cpu"], correct["qat8_cpu"])
+    assert comparisons["qat8_cpu vs ptq8_cpu"] == expected
+    row = {"network": "mobilenet", "seed": 0, "test_examples": 400, "comparisons": comparisons,
+           "intervals": {k: statistics.accuracy_interval(v) for k, v in correct.items()}}
+    text = qat.interval_tables([row])
+    assert "400 test images" in text
+    line = next(x for x in text.splitlines() if x.startswith("| QAT int8, target cpu |"))
+    assert statistics.format_comparison(expected) in line
