@@ -106,19 +106,20 @@ def process_share(indices, process_id, num_processes):
 
 
 def population_shard(x_train, config, process_id=0, num_processes=1):
-    """The training examples of process `process_id` for Algorithm 2, and the batch count.
+    """The training examples of process `process_id` for Algorithm 2, the batch count, and its
+    batch size.
 
     The mini-batches of size m are the first `config.population_batches` (or all) full batches of
-    `x_train`, as one process takes them; process `process_id` takes every `num_processes`-th of
-    them, starting at its own, so that the processes' batches together are the one-process
-    batches, and their estimate (added up across processes) is the one-process estimate.
+    `x_train`, as one process takes them; process `process_id` takes its slice of every one
+    (`process_share`), m / `num_processes` examples, so that the processes' k-th batches together
+    are the one-process k-th batch: the global batch `keras_bn.estimate_population_statistics`
+    normalizes in a multi-process run, and the estimate is the one-process estimate.
     """
     full_batches = len(x_train) // config.batch_size  # every batch of size m, as in training
     steps = min(config.population_batches or full_batches, full_batches)
-    batches = x_train[: steps * config.batch_size].reshape(steps, config.batch_size,
-                                                           *x_train.shape[1:])
-    mine = batches[process_id::num_processes]
-    return mine.reshape(-1, *x_train.shape[1:]), len(mine)
+    indices = np.arange(steps * config.batch_size).reshape(steps, config.batch_size)
+    mine = process_share(indices, process_id, num_processes)
+    return x_train[mine], steps, local_batch_size(config.batch_size, num_processes)
 
 
 def population_statistics_callback(model, x_train, config):
@@ -126,10 +127,9 @@ def population_statistics_callback(model, x_train, config):
     at the end of each `fit`, or None for a model without BN."""
     if not has_batch_normalization(model):
         return None
-    shard, steps = population_shard(x_train, config, devices.process_index(),
-                                    devices.process_count())
-    return _PopulationStatisticsUnlessDiverged(shard, steps=max(1, steps),
-                                               batch_size=config.batch_size)
+    shard, steps, batch_size = population_shard(x_train, config, devices.process_index(),
+                                                devices.process_count())
+    return _PopulationStatisticsUnlessDiverged(shard, steps=max(1, steps), batch_size=batch_size)
 
 
 class _PopulationStatisticsUnlessDiverged(keras_bn.PopulationStatistics):
@@ -149,10 +149,10 @@ def set_population_statistics(model, x_train, config):
     (over the batches of every process, in a multi-process run)."""
     if not has_batch_normalization(model):
         return
-    shard, steps = population_shard(x_train, config, devices.process_index(),
-                                    devices.process_count())
+    shard, steps, batch_size = population_shard(x_train, config, devices.process_index(),
+                                                devices.process_count())
     keras_bn.estimate_population_statistics(
-        model, shard, steps=steps, batch_size=config.batch_size, verbose=0
+        model, shard, steps=steps, batch_size=batch_size, verbose=0
     )
 
 

@@ -70,12 +70,14 @@ def test_processes_shares_make_the_global_batches():
 def test_population_shards_hold_the_one_process_batches():
     x = np.arange(100, dtype="float32")[:, None]
     config = training.Config(batch_size=8, population_batches=5)
-    whole, steps = training.population_shard(x, config)
-    assert steps == 5 and len(whole) == 40
+    whole, steps, batch_size = training.population_shard(x, config)
+    assert (steps, batch_size, len(whole)) == (5, 8, 40)
     shards = [training.population_shard(x, config, i, 2) for i in range(2)]
-    assert [steps for _, steps in shards] == [3, 2]
-    batches = sorted(map(tuple, np.concatenate([s for s, _ in shards]).reshape(-1, 8)[:, :1]))
-    assert batches == sorted(map(tuple, whole.reshape(-1, 8)[:, :1]))
+    assert [(steps, size) for _, steps, size in shards] == [(5, 4), (5, 4)]
+    # the processes' k-th batches of 4 together are the one-process k-th batch of 8: the global
+    # batch that estimate_population_statistics normalizes across processes
+    together = np.concatenate([shard.reshape(5, 4, 1) for shard, _, _ in shards], axis=1)
+    np.testing.assert_array_equal(together, whole.reshape(5, 8, 1))
 
 
 def test_accuracy_from_process_shares_equals_the_accuracy_of_the_whole_set():
