@@ -86,6 +86,9 @@ class ExportResult:
         runtimes: one `export.runtimes.RuntimeCheck` per runtime: for an int8 file, how each
             runtime's fused kernels on this CPU compare with the file's meaning (for PTQ also in
             `quantization.runtimes`); for a float file, OpenVINO's check against Keras.
+        outputs_constant: Keras's outputs did not vary over the random verification inputs by
+            more than the tolerance (an untrained network, a saturated softmax): the float
+            comparison could not have failed, and the summary says the file is not verified.
     """
 
     path: str
@@ -111,6 +114,7 @@ class ExportResult:
     beyond_one_step: float = None
     target: str = None
     runtimes: list = dataclasses.field(default_factory=list)
+    outputs_constant: bool = False
 
     @property
     def num_nodes(self):
@@ -127,6 +131,9 @@ class ExportResult:
                 error += (f"; unknown dimensions at sizes "
                           f"{', '.join(map(str, self.dynamic_sizes))}")
             error += ")"
+            if self.outputs_constant:
+                error += ("; NOT verified: Keras's outputs are the same for every random input "
+                          "(an untrained model?), so no difference could show")
         kind = "" if self.target is None else f"int8 for target '{self.target}', "
         of_float = "" if self.quantization is None else " (the float graph before quantization)"
         # Each QAT layer is a conv, depthwise or dense layer with the BN it fused in training.
@@ -346,7 +353,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         qat_layers=list(freeze_report.quantized),
         max_error_steps=verified.steps, beyond_one_step=verified.beyond,
         target=None if int8_target is None else int8_target.name,
-        runtimes=verified.runtimes,
+        runtimes=verified.runtimes, outputs_constant=verified.outputs_constant,
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
@@ -377,6 +384,7 @@ class _Verified:
     beyond: float = None
     runs: list = dataclasses.field(default_factory=list)
     runtimes: list = dataclasses.field(default_factory=list)
+    outputs_constant: bool = False
 
 
 def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolerance, openvino,
@@ -397,7 +405,8 @@ def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolera
                                                   use_openvino)
         checks = [runtimes.RuntimeCheck("openvino", True, f"float, within {tolerance:g} of "
                                         "Keras like onnxruntime")] if use_openvino else []
-        return _Verified(max_error, runs=keras_runs, runtimes=checks)
+        return _Verified(max_error, runs=keras_runs, runtimes=checks,
+                         outputs_constant=keras_comparison.constant_outputs(keras_runs, tolerance))
     max_error, steps, beyond, meanings = keras_comparison.verify_in_steps(
         data, keras_runs, output_names)
     quantization.check_target_rules(proto, qat_target)

@@ -395,3 +395,13 @@ def test_an_unexpected_library_error_leaves_as_a_documented_one(model, tmp_path,
     with pytest.raises(ValueError, match=r"export failed: KeyError in builtins: 'unk__3'"):
         export.to_onnx(model, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_constant_outputs_is_not_called_verified(tmp_path):
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, kernel_initializer="zeros")(inputs)
+    hidden = keras.layers.BatchNormalization()(hidden)
+    outputs = keras.layers.Dense(3, activation="softmax")(hidden)
+    result = export.to_onnx(keras.Model(inputs, outputs), tmp_path / "constant.onnx")
+    assert result.outputs_constant
+    assert "NOT verified: Keras's outputs are the same for every random input" in result.summary()
