@@ -417,7 +417,7 @@ def write_results(args, data, rows, command, seconds):
     stem = "qat" if data.name == "digits" else f"qat_{data.name}"
     reporting.write_json(os.path.join(args.output_dir, f"{stem}.json"), result)
     markdown = (f"{result['what']}.\n\n`{command}`: float {args.float_steps} steps, QAT "
-                f"{args.qat_steps} steps, seeds {[r['seed'] for r in rows]}"
+                f"{args.qat_steps} steps, seeds {sorted({r['seed'] for r in rows})}"
                 f"{'' if complete else ' (incomplete run)'}\n\n" + table(rows, summary)
                 + "\n\n" + interval_tables(rows))
     reporting.write_text(os.path.join(args.output_dir, f"{stem}.md"), markdown + "\n")
