@@ -42,6 +42,7 @@ def images(count, size=8, seed=0):
 
 @pytest.fixture
 def model(randomize):
+    keras.utils.set_random_seed(3)  # the same weights every run
     return randomize(operations_model(), seed=3)
 
 
@@ -97,8 +98,11 @@ def test_scalar_added_to_a_convolution_keeps_tf2onnx_transpose_optimizer(tmp_pat
 
 def test_int8_export_of_operations(model, tmp_path):
     path = tmp_path / "operations.int8.onnx"
+    # An untrained network's logits on noise are near ties, so its top-1 agreement says little:
+    # the guard is off, and the graph is judged by its error against Keras below.
     result = export.to_onnx(model, path, quantize="int8", calibration_data=images(64, seed=2),
-                            validation_data=images(64, seed=3), openvino=False, verbose=0)
+                            validation_data=images(64, seed=3), openvino=False, verbose=0,
+                            min_agreement=0)
     assert result.target == "cpu"
     counts = result.node_counts
     assert counts["QuantizeLinear"] > 0 and counts["Conv"] == 3
