@@ -37,13 +37,14 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import argparse
 import json
-import platform
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks import machine
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT_DIR = os.path.join(_HERE, "results")
@@ -65,24 +66,6 @@ def architectures():
 
     return sorted(name for name in dir(keras.applications)
                   if name[:1].isupper() and callable(getattr(keras.applications, name)))
-
-
-def cpu_facts():
-    """The CPU's model name and whether it has VNNI, from /proc/cpuinfo."""
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name is None:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"model_name": name or platform.processor() or platform.machine(),
-            "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
-            "logical_cpus": os.cpu_count()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +363,7 @@ def main(argv=None):
         keras.backend.clear_session()
     names = sorted(names, key=sizes.get)
     results = {
-        "cpu": cpu_facts(),
+        "cpu": machine.cpu_facts(),
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__,
                      "tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "time_limit_s": args.time_limit, "models": [],

@@ -71,6 +71,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 import export
 import keras_bn
+from benchmarks import machine
 from benchmarks.export import randomize_batchnorm
 from examples import models, reporting, training
 from examples.data import load_dataset
@@ -106,29 +107,7 @@ OPENVINO_COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", 
 
 def cpu_facts():
     """The CPU's model name, the flags that decide int8 speed, and what `export` concludes."""
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name is None:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {
-        "model_name": name or platform.processor() or platform.machine(),
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx_vnni": "avx_vnni" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_int8": "amx_int8" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "cpu_has_vnni": quantization.cpu_has_vnni(),
-        "logical_cpus": os.cpu_count(),
-    }
+    return {**machine.cpu_facts(), "cpu_has_vnni": quantization.cpu_has_vnni()}
 
 
 def load_average():
