@@ -4,7 +4,8 @@ folding, float export, int8 export and QAT preparation, beside Keras's own ONNX 
 Each architecture is built with `weights=None`, `classes=10` and no classifier activation (logits,
 which vary from input to input where softmax over an untrained head is nearly uniform) at the
 smallest input it accepts rounded up to a common size (32x32; 71 for Xception, 75 for the
-Inception networks). Its BN population statistics are estimated on random images
+Inception networks). Its BN population statistics are estimated on real images,
+scikit-learn's digits enlarged to the input size
 (`keras_bn.estimate_population_statistics`, Algorithm 2) so that every BN normalizes what it sees
 and activations neither vanish nor explode. Then, each step timed and its error recorded:
 
@@ -12,7 +13,7 @@ and activations neither vanish nor explode. Then, each step timed and its error 
 2. `export.to_onnx(model, path)`: the float graph, its node counts, the normalization arithmetic
    left in it, its size and error against Keras;
 3. `export.to_onnx(model, path, quantize="int8", calibration_data=...)` for the default target:
-   node counts, size, top-1 agreement with the float graph on other random images;
+   node counts, size, top-1 agreement with the float graph on other digit images;
 4. float and int8 latency in onnxruntime (batch 1, 1 intra-op thread,
    `session.intra_op.allow_spinning` = "0", median of --repeats runs after a warm-up);
 5. `keras_bn.prepare_qat`, one training-mode batch to set the learned ranges, and `to_onnx` of
@@ -22,7 +23,7 @@ and activations neither vanish nor explode. Then, each step timed and its error 
 
 Each architecture runs in its own process with a time limit, smallest first; the results file is
 rewritten after each one. OpenVINO is not run (`openvino=False`): this benchmark is about which
-graphs convert. Untrained networks on random images: the int8 figures say how a graph quantizes,
+graphs convert. Untrained networks on digit images: the int8 figures say how a graph quantizes,
 not what accuracy a trained model keeps. Writes benchmarks/results/architectures.{json,md}.
 
     python -m benchmarks.architectures [--models MobileNetV3Small ConvNeXtTiny] [--time-limit 600]
@@ -72,10 +73,21 @@ def architectures():
 # One architecture, in its own process
 
 
-def _images(count, size, seed):
+def _images(count, size, block):
+    """`count` (at most 100) of scikit-learn's 8x8 digit images, from the `block`-th hundred of
+    one fixed shuffle (so blocks share no image), enlarged to `size` x
+    `size` by nearest neighbours, grey in all three channels, 0-255: real images, whose
+    examples differ as a data set's do. Uniform noise images do not: deep features of one noise
+    image are nearly those of another, every BN then divides by a tiny between-example variance,
+    and deep untrained networks (EfficientNet) amplify rounding into outputs 10^5 apart."""
     import numpy as np
+    from sklearn.datasets import load_digits
 
-    return np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype("float32")
+    digits = load_digits().images * (255.0 / 16.0)
+    order = np.random.default_rng(0).permutation(len(digits))
+    chosen = digits[order[100 * block:100 * block + min(count, 100)]]
+    rows = np.arange(size) * 8 // size
+    return np.repeat(chosen[:, rows][:, :, rows][..., None], 3, axis=-1).astype("float32")
 
 
 def _error(error):
@@ -198,7 +210,8 @@ def run_one(name, work_dir, repeats):
         path = os.path.join(work_dir, f"{name}.qat.onnx")
         result = export.to_onnx(qat, path, openvino=False)
         return {"qat_layers": len(result.qat_layers), "max_error_steps": result.max_error_steps,
-                "beyond_one_step": result.beyond_one_step, **_graph_facts(path)}
+                "beyond_one_step": result.beyond_one_step, "layer_check": result.layer_check,
+                **_graph_facts(path)}
 
     def keras_export():
         path = os.path.join(work_dir, f"{name}.keras_export.onnx")
@@ -268,11 +281,12 @@ def markdown(results):
         f"{results['versions']['keras']}, TensorFlow {results['versions']['tensorflow']}, "
         f"tf2onnx {results['versions']['tf2onnx']}, onnxruntime "
         f"{results['versions']['onnxruntime']}. weights=None, {CLASSES} classes, logits; BN "
-        "statistics estimated on random images; each model in its own process "
+        "statistics estimated on scikit-learn's digits enlarged to the input size; each model in "
+        "its own process "
         f"(time limit {results['time_limit_s']} s). Latency: onnxruntime, batch 1, 1 thread.",
         "",
         "| model | input | BN | folded | float: nodes, MiB, error | BN ops left | int8: nodes, "
-        "MiB | int8/float latency | QAT export | Keras's export |",
+        "MiB | int8/float latency | QAT export (vs Keras, in steps) | Keras's export |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in results["models"]:
@@ -297,10 +311,12 @@ def markdown(results):
         speed_cell = (f"{speed['int8_over_float']:.2f} ({speed['int8_ms']:.1f} / "
                       f"{speed['float_ms']:.1f} ms)" if speed.get("ok") else "")
         qat = record["qat"]
-        qat_cell = (f"{qat['qat_layers']} layers, {qat['max_error_steps']:.2f} steps max, "
+        qat_cell = (f"{qat['qat_layers']} layers; outputs {qat['max_error_steps']:.2f} steps max, "
                     f"{qat['beyond_one_step']:.1%} beyond one"
                     if qat["ok"] and qat.get("max_error_steps") is not None
                     else "ok" if qat["ok"] else f"refused: {qat['error'][:120]}")
+        if qat["ok"] and qat.get("layer_check"):
+            qat_cell += f"; worst layer {qat['layer_check'][2]:.1%} beyond one"
         keras_export = record["keras_export"]
         if not keras_export["ok"]:
             keras_cell = f"fails: {keras_export['error'][:120]}"

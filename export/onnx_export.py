@@ -22,7 +22,8 @@ from export.graph_passes import (
     store_weights_as_float16,
 )
 from export.loading import load_model
-from keras_bn import verification
+from keras_bn import _keras_internals, verification
+from keras_bn.quantization.deployment import FakeQuantization
 from keras_bn.verification import VerificationError  # noqa: F401  (export.VerificationError)
 
 logger = logging.getLogger(__name__)
@@ -79,16 +80,22 @@ class ExportResult:
             batch sizes, in quantization steps of each output (its range over the verification
             batch / 255). `None` otherwise.
         beyond_one_step: with QAT layers, the largest fraction of an output's values more than
-            one quantization step from Keras; verification requires at most
-            `QAT_MAX_BEYOND_ONE_STEP`. `None` otherwise.
+            one quantization step from Keras. Judged (at most `QAT_MAX_BEYOND_ONE_STEP`) only
+            where `layer_check` is `None`; else reported, since a deep network carries rounding
+            differences forward. `None` otherwise.
+        layer_check: with QAT layers matched in the graph, `(layers, worst layer, its fraction
+            beyond one step)`: each QAT layer's quantized input compared with Keras's, every
+            quantizer before it fed Keras's values (`keras_comparison.verify_by_layers`); at
+            most `QAT_MAX_BEYOND_ONE_STEP` each. `None` otherwise.
         target: the int8 file's deployment target (`export.targets`), also in its metadata;
             `None` for a float file.
         runtimes: one `export.runtimes.RuntimeCheck` per runtime: for an int8 file, how each
             runtime's fused kernels on this CPU compare with the file's meaning (for PTQ also in
             `quantization.runtimes`); for a float file, OpenVINO's check against Keras.
         outputs_constant: Keras's outputs did not vary over the random verification inputs by
-            more than the tolerance (an untrained network, a saturated softmax): the float
-            comparison could not have failed, and the summary says the file is not verified.
+            more than the tolerance (an untrained network, a saturated softmax, random inputs
+            far outside a QAT model's learned input range): the comparison could not have
+            failed, and the summary says the file is not verified.
     """
 
     path: str
@@ -115,6 +122,7 @@ class ExportResult:
     target: str = None
     runtimes: list = dataclasses.field(default_factory=list)
     outputs_constant: bool = False
+    layer_check: tuple = None
 
     @property
     def num_nodes(self):
@@ -133,7 +141,8 @@ class ExportResult:
             error += ")"
             if self.outputs_constant:
                 error += ("; NOT verified: Keras's outputs are the same for every random input "
-                          "(an untrained model?), so no difference could show")
+                          "(an untrained model? inputs outside a QAT model's range?), so no "
+                          "difference could show")
         kind = "" if self.target is None else f"int8 for target '{self.target}', "
         of_float = "" if self.quantization is None else " (the float graph before quantization)"
         # Each QAT layer is a conv, depthwise or dense layer with the BN it fused in training.
@@ -151,6 +160,14 @@ class ExportResult:
             steps = ("not verified" if self.max_error_steps is None
                      else f"{self.max_error_steps:.2f} quantization steps of each output, "
                           f"{self.beyond_one_step:.2%} of values beyond one step")
+            if self.layer_check is not None:
+                count, worst, fraction = self.layer_check
+                steps = (f"layer by layer (each quantizer fed Keras's values), {count} quantized "
+                         f"input{'s' if count != 1 else ''} within one step but {fraction:.2%} "
+                         f"of codes (worst: {worst}); "
+                         f"at the outputs, carried through the network: {steps}")
+            if self.outputs_constant:
+                steps += "; NOT verified: Keras's outputs are the same for every random input"
             count = len(self.qat_layers)
             lines.append(f"QAT: {count} {'layer' if count == 1 else 'layers'} as int8 QDQ from "
                          f"their learned ranges and grids; max error vs Keras: {steps}")
@@ -306,7 +323,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
         logger.info("to_onnx: converting with tf2onnx (opset %d)", opset)
         proto = conversion.convert(frozen, inputs, output_names, opset, nchw)
-        graph_passes = optimize(proto, _passes(quantize, qat_layers and int8_target))
+        graph_passes = optimize(proto, _passes(quantize, qat_layers and int8_target, frozen))
         if float16_weights:
             store_weights_as_float16(proto)
         conversion.check_graph(proto)
@@ -354,6 +371,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         max_error_steps=verified.steps, beyond_one_step=verified.beyond,
         target=None if int8_target is None else int8_target.name,
         runtimes=verified.runtimes, outputs_constant=verified.outputs_constant,
+        layer_check=verified.by_layers,
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
@@ -385,6 +403,7 @@ class _Verified:
     runs: list = dataclasses.field(default_factory=list)
     runtimes: list = dataclasses.field(default_factory=list)
     outputs_constant: bool = False
+    by_layers: tuple = None  # keras_comparison.verify_by_layers's
 
 
 def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolerance, openvino,
@@ -407,13 +426,15 @@ def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolera
                                         "Keras like onnxruntime")] if use_openvino else []
         return _Verified(max_error, runs=keras_runs, runtimes=checks,
                          outputs_constant=keras_comparison.constant_outputs(keras_runs, tolerance))
+    by_layers = keras_comparison.verify_by_layers(model, data, keras_runs, output_names, nchw)
     max_error, steps, beyond, meanings = keras_comparison.verify_in_steps(
-        data, keras_runs, output_names)
+        data, keras_runs, output_names, judge=by_layers is None)
     quantization.check_target_rules(proto, qat_target)
     checks = runtimes.check(data, [run.feed for run in keras_runs], output_names, qat_target,
                             cpu_has_vnni=quantization.cpu_has_vnni(), openvino=openvino,
                             reference=meanings)
-    return _Verified(max_error, steps, beyond, keras_runs, checks)
+    return _Verified(max_error, steps, beyond, keras_runs, checks,
+                     keras_comparison.constant_outputs(keras_runs, tolerance), by_layers)
 
 
 @contextlib.contextmanager
@@ -451,13 +472,17 @@ def _int8_target(qat_layers, quantize, target, float16_weights):
     return targets_module.get(target or targets_module.DEFAULT_TARGET)
 
 
-def _passes(quantize, qat_target):
+def _passes(quantize, qat_target, frozen):
     # onnxruntime quantizes a GlobalAveragePool (QLinearGlobalAveragePool) but leaves the
     # ReduceMean that the float graph is faster with in float: an int8 graph keeps the pool.
     passes = EXACT_PASSES if quantize is None else tuple(
         p for p in EXACT_PASSES if p is not global_average_pool_and_squeeze_to_reduce_mean)
     if qat_target:
-        passes = (*passes, qdq_passes.weights_to_int8)
+        ranges = {layer.name: (layer.minimum, layer.maximum, layer.num_bits)
+                  for layer in _keras_internals.flatten_layers(frozen)
+                  if isinstance(layer, FakeQuantization)}
+        passes = (*passes, qdq_passes.zero_points_as_tensorflow(ranges),
+                  qdq_passes.weights_to_int8)
         if qat_target.symmetric_activations:
             passes = (*passes, qdq_passes.activations_to_int8)
     return passes

@@ -10,7 +10,7 @@ onnxruntime fuses into QLinearConv / QLinearMatMul. Without it onnxruntime quant
 kernels itself, on a grid of its own, and no longer computes what was trained.
 
 Each pass has the shape of `export.graph_passes`' passes: `pass(proto) -> changes`, the
-`onnx.ModelProto` rewritten in place.
+`onnx.ModelProto` rewritten in place (`zero_points_as_tensorflow(ranges)` makes one).
 """
 
 import logging
@@ -180,6 +180,77 @@ def _dequantized(graph, new_nodes, name, integers, steps, axis, zero_points):
         [output], axis=axis, name=f"{name}_DequantizeLinear",
     ))
     return output
+
+
+def tensorflow_grid(minimum, maximum, num_bits=8):
+    """`(scale, zero point)` of TensorFlow's `FakeQuantWithMinMaxVars` over `[minimum, maximum]`
+    (what Keras's `fake_quant_with_min_max_vars` runs on the TensorFlow backend): the range
+    nudged so that 0 is a code, computed in float32 as TensorFlow's kernel does, the zero point
+    rounded half away from zero. Where `-minimum / scale` is a half in exact arithmetic (a
+    symmetric range such as [-1, 1]), float32 puts it just below or above, and that decides."""
+    import math
+
+    quant_max = np.float32(2**num_bits - 1)
+    scale = (np.float32(maximum) - np.float32(minimum)) / quant_max
+    from_min = float(np.float32(0.0) - np.float32(minimum) / scale)
+    if from_min <= 0.0:
+        return float(scale), 0
+    if from_min >= float(quant_max):
+        return float(scale), int(quant_max)
+    whole = math.floor(from_min)
+    return float(scale), whole + (1 if from_min - whole >= 0.5 else 0)
+
+
+def zero_points_as_tensorflow(ranges):
+    """A pass that gives the uint8 quantize-dequantize pair of each of `ranges` (`{name of the
+    fake-quantization layer in the frozen model: (minimum, maximum, num_bits)}`) TensorFlow's
+    scale and zero point (`tensorflow_grid`).
+
+    tf2onnx computes the pair's zero point in float64 and rounds it half to even: over [-1, 1]
+    it writes 128 where the Keras layer, in float32, uses 127, and the graph then holds
+    [-128, 127] steps where the model holds [-127, 128]: inputs at the ends of the range differ
+    by a step. The pair's nodes are found by the layer's name scope in their names; constants
+    tf2onnx shares between pairs are not changed, each pair gets its own.
+    """
+    import re
+
+    from onnx import TensorProto, numpy_helper
+
+    def zero_points_as_tensorflow(proto):
+        graph = proto.graph
+        initializers = {init.name: init for init in graph.initializer}
+        readers = {}
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        changed = 0
+        for node in graph.node:
+            if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+                continue
+            names = [name for name in ranges if re.search(f"/{re.escape(name)}(_[0-9]+)?/",
+                                                          node.name)]
+            zero_point = initializers.get(node.input[2])
+            scale = initializers.get(node.input[1])
+            if (len(names) != 1 or zero_point is None or scale is None
+                    or zero_point.data_type != TensorProto.UINT8):
+                continue
+            want_scale, want_zero = tensorflow_grid(*ranges[names[0]])
+            have_scale = float(numpy_helper.to_array(scale).ravel()[0])
+            have_zero = int(numpy_helper.to_array(zero_point).ravel()[0])
+            if (have_scale, have_zero) == (np.float32(want_scale), want_zero):
+                continue
+            pair = [node] + [reader for reader in readers.get(node.output[0], [])
+                             if reader.op_type == "DequantizeLinear"]
+            scale_name, zero_name = f"{node.name}_scale_tf", f"{node.name}_zero_point_tf"
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array(want_scale, np.float32), scale_name),
+                numpy_helper.from_array(np.array(want_zero, np.uint8), zero_name)])
+            for member in pair:
+                member.input[1], member.input[2] = scale_name, zero_name
+            changed += 1
+        return {"QuantizeLinear grid as TensorFlow's": changed} if changed else {}
+
+    return zero_points_as_tensorflow
 
 
 def activations_to_int8(proto):

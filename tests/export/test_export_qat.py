@@ -101,6 +101,11 @@ def test_qat_model_exports_an_int8_graph_within_one_step(qat_model, tmp_path):
     assert sorted(result.qat_layers) == ["depthwise", "hidden", "pointwise", "stem"]
     assert 0.0 <= result.max_error_steps < 2.0 and result.beyond_one_step <= 0.01
     assert "QAT: 4 layers as int8 QDQ" in result.summary()
+    # compared layer by layer: the stem reads the graph input; depthwise and pointwise read
+    # one tensor over one range, which one quantizer in the graph serves
+    assert result.layer_check[0] == 2 and result.layer_check[2] <= 0.01
+    assert "layer by layer (each quantizer fed Keras's values), 2 quantized inputs" in (
+        result.summary())
     proto = onnx.load(path)
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     assert not BN_ARITHMETIC & set(ops), ops
@@ -275,7 +280,9 @@ def test_a_graph_that_computes_something_else_is_refused(qat_model, tmp_path, mo
         return {}
 
     monkeypatch.setattr(qdq_passes, "weights_to_int8", scale_first_kernel)
-    with pytest.raises(keras_bn.VerificationError, match="more than one quantization step"):
+    with pytest.raises(keras_bn.VerificationError,
+                       match="quantizes the input of QAT layer '(pointwise|hidden)' "
+                             "otherwise than Keras"):
         export.to_onnx(qat_model, tmp_path / "wrong.onnx", batch_sizes=(8, 16))
     assert not (tmp_path / "wrong.onnx").exists()
 
@@ -363,3 +370,44 @@ def _session_run(proto, x):
     session = onnxruntime.InferenceSession(proto.SerializeToString(),
                                            providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+def test_tensorflow_grid_rounds_as_keras_does():
+    # [-1, 1]: -min / scale is 127.5 in exact arithmetic, just below in float32: TensorFlow's
+    # kernel (and so the Keras layer) takes 127 where tf2onnx's float64 half-to-even takes 128
+    scale, zero_point = qdq_passes.tensorflow_grid(-1.0, 1.0)
+    assert zero_point == 127 and scale == np.float32(2.0) / np.float32(255.0)
+    quantizer = FakeQuantization(-1.0, 1.0)
+    ends = np.array([[-1.01, 1.0, 1.01]], np.float32)
+    codes = np.round(keras.ops.convert_to_numpy(quantizer(ends)) / scale)
+    np.testing.assert_array_equal(codes, [[-127, 128, 128]])
+    assert qdq_passes.tensorflow_grid(0.0, 6.0) == (pytest.approx(6 / 255), 0)
+    assert qdq_passes.tensorflow_grid(-0.375, 3.678)[1] == 24
+
+
+def test_a_range_ending_at_a_half_code_exports_keras_grid(tmp_path):
+    # inputs rescaled to [-1, 1], as MobileNets do, and a learned range of exactly [-1, 1]
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    outputs = keras.layers.GlobalAveragePooling2D()(x)
+    qat = keras_bn.prepare_qat(keras.Model(inputs, outputs))
+    qat(np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 3)).astype("float32"),
+        training=True)
+    conv = qat.get_layer("conv")
+    conv.input_min.assign(-1.0)
+    conv.input_max.assign(1.0)
+    path = tmp_path / "ends.onnx"
+    result = export.to_onnx(qat, path, openvino=False)
+    assert "zero_points_as_tensorflow: QuantizeLinear grid as TensorFlow's +1" in (
+        result.graph_passes)
+    proto = onnx.load(path)
+    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    (quantize,) = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert constants[quantize.input[2]] == 127
+    # pixels at and past both ends of the range: every one on Keras's side of it
+    x = np.random.default_rng(1).choice([-2.0, 0.0, 127.5, 255.0, 256.0], (16, 8, 8, 3))
+    x = x.astype("float32")
+    np.testing.assert_allclose(run(path, x), qat(x, training=False).numpy(), atol=1e-5)
