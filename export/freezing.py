@@ -225,8 +225,11 @@ def freeze(model, fold=True, verify=True, tolerance=None):
             identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
             replacements.add(id(identity))
             return identity
-        if not isinstance(layer, keras.layers.Layer):
-            return copy_operation(layer)  # a keras.ops call (`x + 3.0`, `keras.ops.mean`)
+        if not isinstance(layer, keras.layers.Layer):  # a keras.ops call (`x + 3.0`, ...)
+            if type(layer).__name__ == "Gelu" and getattr(layer, "approximate", True) is False:
+                report.rewritten.append((layer.name, "exact GELU with Erf"))
+                return keras.layers.Activation(gelu_with_erf, name=layer.name)
+            return copy_operation(layer)
         copy, weights, how = _convertible_copy(layer)
         if how:
             report.rewritten.append((names.get(id(layer), layer.name), how))

@@ -230,6 +230,25 @@ def test_convnext_block_exports_with_depthwise_and_erf(tmp_path):
     assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
 
 
+def test_exact_gelu_as_an_operation_exports_with_erf(tmp_path):
+    # keras.ops.gelu(approximate=False) in the graph: TensorFlow lowers it to Erfc, which tf2onnx
+    # cannot convert; freeze writes it with Erf
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6,), name="features")
+    hidden = keras.ops.gelu(keras.layers.Dense(8, name="dense")(inputs), approximate=False)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(hidden))
+    path = tmp_path / "gelu.onnx"
+    result = export.to_onnx(model, path, openvino=False)
+    assert "exact GELU with Erf" in dict(export.freeze(model).freeze_report.rewritten).values()
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert "Erf" in ops and "Erfc" not in ops and result.max_error < 1e-5
+    x = np.random.default_rng(0).normal(0.0, 3.0, (16, 6)).astype("float32")
+    (got,) = _session(path).run(None, {"features": x})
+    want = keras.ops.convert_to_numpy(model(x))
+    assert _varied(want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_with_erf_matches_the_definition():
     x = np.linspace(-12.0, 12.0, 97)
     want = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x])
