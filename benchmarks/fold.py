@@ -5,7 +5,8 @@ verification error, and the inference latency of the folded and the unfolded mod
 (`predict_on_batch`, same process, batch 1 and 32, median of --repeats runs after warm-up, three
 times as many at batch 1, which is cheap and noisier; the two models alternate so that a busy
 machine slows both alike). The classifier has no softmax, so that verification compares logits.
-Writes benchmarks/results/fold.json.
+Writes benchmarks/results/fold.json, with the 1-minute load average at start and end (on a busy
+machine, runs of batch 1 move by tens of percent: `--output benchmarks/results/fold_busy.json`).
 
     python -m benchmarks.fold [--repeats 7] [--image-size 224] [--output PATH]
 
@@ -121,11 +122,13 @@ def main():
         "image_size": args.image_size,
         "method": "median of --repeats runs (3x at batch 1) of model.predict_on_batch after 2 "
         "warm-up runs; folded and unfolded alternate; fold time is the median of 3 folds",
+        "load_average_at_start": round(os.getloadavg()[0], 2),
         "models": {},
     }
     for name in MODELS:
         results["models"][name] = benchmark(name, args.repeats, args.image_size)
         print(name, json.dumps(results["models"][name], indent=2), flush=True)
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     temporary = args.output + ".tmp"
     with open(temporary, "w") as file:
