@@ -12,8 +12,9 @@ $(PY): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(PY)
 
+# `make demo DATA=fashion-mnist` runs it on Fashion-MNIST (apt-get install dataset-fashion-mnist).
 demo: $(PY)
-	$(PY) -m examples.demo
+	$(PY) -m examples.demo $(if $(DATA),--data $(DATA))
 
 test: $(PY)
 	$(PY) -m pytest -n 2 -q tests

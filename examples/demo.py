@@ -1,4 +1,5 @@
-"""The whole pipeline on scikit-learn's bundled digits, in minutes on a laptop CPU (`make demo`).
+"""The whole pipeline on scikit-learn's bundled digits, in minutes on a laptop CPU (`make demo`), or
+on Fashion-MNIST when it is installed (`make demo DATA=fashion-mnist`, `--data fashion-mnist`).
 
 1. Train a small BN-Inception (BN-x5) and its Inception baseline (no BN) with the Figure 3
    protocol: the baseline's learning rate from a grid, its best test accuracy as the target, and
@@ -12,8 +13,9 @@
 6. Print accuracy (Keras / ONNX float / ONNX int8) and the latency of the unfolded and folded
    Keras models and of the two ONNX graphs side by side.
 
-Leaves the ONNX files, the plot, the table and a JSON summary in --output-dir (default
-demo_output/). TensorFlow backend (the ONNX export goes through tf2onnx). From the repository root:
+Leaves the ONNX files (`bn_inception_<data>.*`), the plot, the table and a JSON summary in
+--output-dir (default demo_output/). TensorFlow backend (the ONNX export goes through tf2onnx).
+From the repository root:
 
     .venv/bin/python -m examples.demo                  # what `make demo` runs
     .venv/bin/python -m examples.demo --quick --output-dir /tmp/demo
@@ -71,9 +73,13 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=0.01,
                         help="first rate of the baseline's grid")
     parser.add_argument("--alpha", type=float, default=0.125, help="BN-Inception's width")
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (scikit-learn, default) or 'fashion-mnist' (Debian's "
+                             "dataset-fashion-mnist or $KERAS_BN_DATA)")
     parser.add_argument("--quick", action="store_true", help="a few steps only (tests)")
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1))
     args = parser.parse_args(argv)
+    data = load_dataset(args.data)  # a missing or corrupt data set fails here, in one line
 
     import keras
 
@@ -91,7 +97,6 @@ def main(argv=None):
     started = time.perf_counter()
     out = args.output_dir
     steps, variant_steps = (8, 6) if args.quick else (args.steps, args.variant_steps)
-    data = load_dataset("digits")
     if args.quick:
         data.x_train, data.y_train = data.x_train[:192], data.y_train[:192]
     config = training.Config(
@@ -106,7 +111,8 @@ def main(argv=None):
         run_eagerly=args.quick,
     )
 
-    print(f"== 1. Steps to accuracy: BN-x5 vs Inception on digits ({len(data.x_train)} training "
+    name = data.name
+    print(f"== 1. Steps to accuracy: BN-x5 vs Inception on {name} ({len(data.x_train)} training "
           f"images), baseline lr from a grid")
     result, trained = protocol.steps_to_accuracy_with_models(
         data,
@@ -121,7 +127,7 @@ def main(argv=None):
     table = reporting.steps_table(result)
     print(table)
     reporting.plot_accuracy_curves(result, os.path.join(out, "accuracy_vs_steps.png"),
-                                   "Demo: small BN-Inception on digits")
+                                   f"Demo: small BN-Inception on {name}")
     reporting.write_text(os.path.join(out, "steps_to_accuracy.md"), table)
     model = models.with_softmax(trained["BN-x5"])  # trained on logits; deployed with probabilities
 
@@ -133,7 +139,7 @@ def main(argv=None):
     population_accuracy = training.evaluate_accuracy(model, data.x_test, data.y_test)
     print(f"test accuracy with moving averages {moving_accuracy:.2%}, with population statistics "
           f"over {batches} batches {population_accuracy:.2%}")
-    model.save(os.path.join(out, "bn_inception_digits.keras"))
+    model.save(os.path.join(out, f"bn_inception_{name}.keras"))
 
     print("== 3. Fold BN into the convolutions")
     folded = keras_bn.fold_batchnorm(model, verify=True)
@@ -142,7 +148,7 @@ def main(argv=None):
     folded_accuracy = training.evaluate_accuracy(folded, data.x_test, data.y_test)
 
     print("== 4. Export ONNX and verify it in onnxruntime")
-    onnx_path = os.path.join(out, "bn_inception_digits.onnx")
+    onnx_path = os.path.join(out, f"bn_inception_{name}.onnx")
     exported = export.to_onnx(model, onnx_path)
     print(exported.summary())
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
@@ -150,11 +156,11 @@ def main(argv=None):
     keras_probabilities = training.predict(model, data.x_test)
     onnx_accuracy = float(np.mean(np.argmax(onnx_probabilities, -1) == data.y_test))
     test_error = float(np.max(np.abs(onnx_probabilities - keras_probabilities)))
-    print(f"onnxruntime on the {len(data.x_test)} test digits: accuracy {onnx_accuracy:.2%} "
+    print(f"onnxruntime on the {len(data.x_test)} test images: accuracy {onnx_accuracy:.2%} "
           f"(Keras {population_accuracy:.2%}), max |onnx - keras| = {test_error:.2e}")
 
-    print("== 5. Integer (int8) ONNX, calibrated on training digits")
-    int8_path = os.path.join(out, "bn_inception_digits.int8.onnx")
+    print(f"== 5. Integer (int8) ONNX, calibrated on training images of {name}")
+    int8_path = os.path.join(out, f"bn_inception_{name}.int8.onnx")
     quantized = export.to_onnx(
         model, int8_path, quantize="int8", calibration_data=data.x_train,
         validation_data=(data.x_test, data.y_test), verbose=args.verbose,
@@ -166,7 +172,7 @@ def main(argv=None):
     int8_probabilities = int8_session.run(None, {int8_session.get_inputs()[0].name: data.x_test})[0]
     int8_accuracy = float(np.mean(np.argmax(int8_probabilities, -1) == data.y_test))
 
-    print("== 6. Accuracy on the test digits, and latency (median, ms)")
+    print(f"== 6. Accuracy on the {len(data.x_test)} test images, and latency (median, ms)")
     print(f"| Keras | ONNX float | ONNX int8 |\n|---|---|---|\n| {population_accuracy:.2%} | "
           f"{onnx_accuracy:.2%} | {int8_accuracy:.2%} |")
     repeats = 5 if args.quick else 50
@@ -195,6 +201,8 @@ def main(argv=None):
 
     bn_x5 = result["variants"]["BN-x5"]
     summary = {
+        "data": {"name": name, "train_images": len(data.x_train),
+                 "test_images": len(data.x_test)},
         "steps_to_accuracy": {
             "target": result["targets"]["0"],
             "baseline_learning_rate": result["learning_rate_grid"]["chosen"],

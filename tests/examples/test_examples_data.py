@@ -159,3 +159,18 @@ def json_load(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_demo_takes_fashion_mnist_and_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    # `make demo DATA=fashion-mnist`: without the data set, one line before any training
+    from examples import cli, demo
+
+    monkeypatch.setenv("KERAS_BN_DATA", str(tmp_path))
+    monkeypatch.setitem(data_module.NAMED_IDX_SOURCES, "fashion-mnist", str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(lambda: demo.main(["--quick", "--data", "fashion-mnist",
+                                        "--output-dir", str(tmp_path / "out")]))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "apt-get install dataset-fashion-mnist" in error
+    assert not (tmp_path / "out").exists()
