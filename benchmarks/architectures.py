@@ -27,6 +27,7 @@ graphs convert. Untrained networks on digit images: the int8 figures say how a g
 not what accuracy a trained model keeps. Writes benchmarks/results/architectures.{json,md}.
 
     python -m benchmarks.architectures [--models MobileNetV3Small ConvNeXtTiny] [--time-limit 600]
+    python -m benchmarks.architectures --models NASNetMobile --update   # rerun one, keep the rest
 
 Run from the repository root (TensorFlow backend: tf2onnx needs it).
 """
@@ -353,6 +354,9 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=int, default=600, help="seconds per architecture")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other architectures' records of the results file and "
+                             "replace those of --models")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -384,11 +388,20 @@ def main(argv=None):
                      "tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "time_limit_s": args.time_limit, "models": [],
     }
+    kept = []
+    if args.update and os.path.exists(os.path.join(args.output_dir, "architectures.json")):
+        with open(os.path.join(args.output_dir, "architectures.json")) as file:
+            kept = [record for record in json.load(file)["models"] if record["model"] not in names]
+    order = {name: index for index, name in enumerate(architectures())}
+    fresh = []
     os.makedirs(args.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="architectures.") as work_dir:
         for name in names:
-            record = _run_in_process(name, work_dir, args.repeats, args.time_limit)
-            results["models"].append(record)
+            fresh.append(_run_in_process(name, work_dir, args.repeats, args.time_limit))
+            record = fresh[-1]
+            results["models"] = sorted(kept + fresh, key=lambda r: (
+                sizes.get(r["model"]) or r.get("parameters") or float("inf"),
+                order.get(r["model"], 0)))
             with open(os.path.join(args.output_dir, "architectures.json"), "w") as file:
                 json.dump(results, file, indent=1, default=float)
             with open(os.path.join(args.output_dir, "architectures.md"), "w") as file:

@@ -255,36 +255,29 @@ def _layouts(keras_values, graph_values):
 
 def _forced_quantizers(model, proto):
     """`[(QAT layer, the QuantizeLinear node of its input in proto)]` for the QAT layers whose
-    input is not a graph input, or `None` when a QAT layer cannot be matched (nested, shared, or
-    its quantizer not found exactly once by the name `export.freeze` gives it,
-    `<layer>_input_quantization`). Layers that read one tensor over one range share one
-    quantizer in the graph (tf2onnx merges theirs): one of them stands for all."""
+    input quantizer the graph holds under the name `export.freeze` gives it
+    (`<layer>_input_quantization`) and whose input is not a graph input, or `None` when a QAT
+    layer is nested or shared, or a name is found twice. A layer whose quantizer is not found
+    shares another's: tf2onnx merges equal computations, such as two layers reading one tensor
+    (or two equal ReLUs of it, NASNet's) over one range, and the merged quantizer is fed Keras's
+    value of the other layer's input, the same tensor."""
     from export import arguments
 
     top = {id(layer) for layer in model.layers}
     graph_inputs = {value.name for value in proto.graph.input}
-    groups = {}
+    pairs = []
     for layer in arguments.qat_layers(model):
         if layer.input_range() is None:
             continue
         if id(layer) not in top or len(layer._inbound_nodes) != 1:
             return None
-        groups.setdefault((id(layer.input), tuple(layer.input_range())), []).append(layer)
-    pairs = []
-    for layers in groups.values():
-        found = []
-        for layer in layers:
-            marker = f"/{layer.name}_input_quantization"
-            nodes = [node for node in proto.graph.node
-                     if node.op_type == "QuantizeLinear" and marker in node.name]
-            if len(nodes) > 1:
-                return None
-            found += [(layer, node) for node in nodes]
-        if not found:
+        marker = f"/{layer.name}_input_quantization"
+        nodes = [node for node in proto.graph.node
+                 if node.op_type == "QuantizeLinear" and marker in node.name]
+        if len(nodes) > 1:
             return None
-        layer, node = found[0]
-        if node.input[0] not in graph_inputs:  # a model input is Keras's value already
-            pairs.append((layer, node))
+        if nodes and nodes[0].input[0] not in graph_inputs:  # a graph input is Keras's value
+            pairs.append((layer, nodes[0]))
     return pairs
 
 
