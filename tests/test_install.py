@@ -258,3 +258,63 @@ def test_install_command_follows_the_installation(monkeypatch):
     assert export._install_command() == 'pip install "/home/me/keras-bn[export]"'
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Distribution(None))
     assert export._install_command() == 'pip install "keras-bn[export]"'
+
+
+def _normalized(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _resolve(requirements, tmp_path):
+    """The distributions `pip install <requirements>` installs into an empty environment: pip's
+    own resolver, a dry run against the package index (`--ignore-installed`: as if nothing were
+    installed)."""
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--disable-pip-version-check", "--report", str(report), *requirements],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {_normalized(item["metadata"]["name"])
+            for item in json.loads(report.read_text())["install"]}
+
+
+def _top_level_modules(distribution):
+    """The top-level import names an installed distribution provides."""
+    text = distribution.read_text("top_level.txt")
+    if text:
+        return set(text.split())
+    names = set()
+    for file in distribution.files or []:
+        first = file.parts[0]
+        if first in ("..", "__pycache__") or first.endswith((".dist-info", ".egg-info", ".pth")):
+            continue
+        if len(file.parts) > 1 or first.endswith((".py", ".so", ".pyd")):
+            names.add(first.split(".")[0])
+    return names
+
+
+def test_install_line_installs_what_import_needs(tmp_path):
+    """README's first install line, resolved by pip as for an empty environment, and then
+    `import keras_bn` with every other installed distribution's modules refused: what a fresh
+    venv would hold after that line, without downloading a wheel."""
+    line = re.search(r"^pip install (-e \. \S+) +# ", (ROOT / "README.md").read_text(),
+                     re.MULTILINE).group(1)
+    requirements = [str(ROOT) if word == "." else word.strip('"') for word in line.split()]
+    resolved = _resolve(requirements, tmp_path)
+    assert {"keras-bn", "keras", "numpy"} <= resolved
+    installed = list(importlib.metadata.distributions())
+    wanted = set().union(*(_top_level_modules(d) for d in installed
+                           if _normalized(d.metadata["Name"]) in resolved))
+    others = set().union(*(_top_level_modules(d) for d in installed
+                           if _normalized(d.metadata["Name"]) not in resolved))
+    blocked = others - wanted - set(sys.stdlib_module_names) - {"keras_bn", "export"}
+    assert {"jax", "torch", "tf2onnx", "onnxruntime"} <= blocked  # the installed but not pulled
+    code = BLOCKER.replace("{blocked!r}", repr(blocked)) + IMPORT_AS_INSTALLED
+    env = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}
+    env.update(KERAS_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    backend = BACKEND_PACKAGES[requirements[-1]]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"backend": backend,
+                                                               "shape": [4, 2]}
