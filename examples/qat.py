@@ -18,7 +18,11 @@ network and seed:
    `prepare_qat(model, weight_bits=4)` with its statistics frozen and its input ranges set on
    the same 512 training images by steps at learning rate 0 (post-training: nothing learns but
    the ranges); QAT-4 fine-tunes as in 3;
-5. the cost of a QAT training step relative to a float one (median step time, same batches).
+5. the control: a copy of the float network fine-tuned as QAT is (same steps, rate and batches;
+   batch statistics throughout, population statistics at the end) without quantization, so that
+   what QAT gains over post-training is told apart from what the extra training gains
+   (`float_ft`);
+6. the cost of a QAT training step relative to a float one (median step time, same batches).
 
 Every accuracy comes with its 95% Wilson interval on the test set, and every comparison (PTQ vs
 float, QAT vs PTQ, ...) with McNemar's exact test on the same test images (`examples.statistics`).
@@ -151,10 +155,11 @@ class StepTimes(keras.callbacks.Callback):
         self.seconds = []
 
 
-def fine_tune(model, data, steps, seed, learning_rate=QAT_LEARNING_RATE):
+def fine_tune(model, data, steps, seed, learning_rate=QAT_LEARNING_RATE, qat=True):
     """`steps` momentum-SGD steps: two thirds on batch statistics; then the population
-    statistics estimated (Algorithm 2, as for the float network) and frozen for the rest.
-    Returns the step times of the first part."""
+    statistics estimated (Algorithm 2, as for the float network) and, for a QAT model, frozen
+    for the rest (a float model, the control, goes on on batch statistics and has its population
+    statistics estimated again at the end). Returns the step times of the first part."""
     compile_for_training(model, learning_rate)
     batches = training.batch_indices(len(data.x_train), 32, steps, reshuffle=True,
                                      seed=seed + 1000).reshape(-1)
@@ -164,9 +169,12 @@ def fine_tune(model, data, steps, seed, learning_rate=QAT_LEARNING_RATE):
               shuffle=False, verbose=0, callbacks=[timer])
     times = list(timer.seconds)
     estimate_population(model, data)
-    keras_bn.freeze_bn_statistics(model)
+    if qat:
+        keras_bn.freeze_bn_statistics(model)
     model.fit(data.x_train[batches[split:]], data.y_train[batches[split:]], batch_size=32,
               shuffle=False, verbose=0)
+    if not qat:
+        estimate_population(model, data)
     return times
 
 
@@ -227,7 +235,8 @@ def comparisons(correct, ptq_targets, qat_targets):
     for t in qat_targets:
         pairs += [(f"qat8_{t}", "float")] + ([(f"qat8_{t}", f"ptq8_{t}")]
                                               if t in ptq_targets else [])
-    pairs += [("ptq4", "float"), ("qat4", "float"), ("qat4", "ptq4")]
+    pairs += [("ptq4", "float"), ("qat4", "float"), ("qat4", "ptq4"), ("float_ft", "float")]
+    pairs += [(f"qat8_{t}", "float_ft") for t in qat_targets] + [("qat4", "float_ft")]
     return {f"{b} vs {a}": accuracy_statistics.paired_comparison(correct[a], correct[b])
             for b, a in pairs}
 
@@ -263,6 +272,10 @@ def run_one(network, data, seed, args, folder):
         row[f"{key}_verification_steps_max"] = result.max_error_steps
         if "qat_step_ms" not in row:
             row["qat_step_ms"] = median_step_ms(times)
+    control = keras.models.clone_model(model)  # the float network, fine-tuned as QAT is
+    control.set_weights(model.get_weights())
+    fine_tune(control, data, args.qat_steps, seed, args.qat_learning_rate, qat=False)
+    correct["float_ft"] = np.argmax(training.predict(control, x_test), axis=-1) == y_test
     ptq4 = keras_bn.prepare_qat(model, weight_bits=4, target=args.qat_targets[0])
     calibrate_ranges(ptq4, calibration)
     export.to_onnx(ptq4, f"{path}_ptq4.onnx")
@@ -322,7 +335,8 @@ def table(rows, summary):
     return "\n".join(lines)
 
 
-LABELS = {"float": "float", "ptq4": "PTQ 4-bit weights", "qat4": "QAT 4-bit weights"}
+LABELS = {"float": "float", "ptq4": "PTQ 4-bit weights", "qat4": "QAT 4-bit weights",
+          "float_ft": "float fine-tuned as QAT (control)"}
 
 
 def _label(key):
@@ -340,16 +354,17 @@ def interval_tables(rows):
         lines = [f"{r['network']}, seed {r['seed']}, {r['test_examples']} test images "
                  "(difference in points [95% CI], McNemar's exact p, discordant images "
                  "reference only / this only):", "",
-                 "| model | accuracy [95% CI] | vs float | vs post-training |",
-                 "|---|---|---|---|"]
+                 "| model | accuracy [95% CI] | vs float | vs post-training | vs float "
+                 "fine-tuned |", "|---|---|---|---|---|"]
         for key, interval in r["intervals"].items():
             cells = []
-            for reference in ("float", "ptq4" if key == "qat4" else key.replace("qat8", "ptq8")):
+            for reference in ("float", "ptq4" if key == "qat4" else key.replace("qat8", "ptq8"),
+                              "float_ft"):
                 comparison = r["comparisons"].get(f"{key} vs {reference}")
                 cells.append(accuracy_statistics.format_comparison(comparison)
                              if comparison else "")
             lines.append(f"| {_label(key)} | {accuracy_statistics.format_accuracy(interval)} | "
-                         f"{cells[0]} | {cells[1]} |")
+                         f"{cells[0]} | {cells[1]} | {cells[2]} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -16,8 +16,10 @@ def test_quick_run_writes_every_accuracy(tmp_path, capsys):
     qat.main(["--quick", "--networks", "mobilenet", "--output-dir", str(tmp_path)])
     result = json.loads((tmp_path / "qat.json").read_text())
     (row,) = result["rows"]
-    for key in ("float", "ptq8", "qat8", "ptq4", "qat4"):
+    for key in ("float", "ptq8", "qat8", "ptq4", "qat4", "float_ft"):
         assert 0.0 <= row[key] <= 1.0, key
+    # the control: the float network fine-tuned as QAT is, compared with QAT on the same images
+    assert row["comparisons"]["qat8_cpu vs float_ft"]["n"] == row["test_examples"]
     # What was trained is what was deployed: the QAT graphs match Keras within one step but for
     # the few values export's verification allows (QAT_MAX_BEYOND_ONE_STEP).
     for bits in (8, 4):
@@ -39,12 +41,13 @@ def test_comparisons_and_interval_tables_pair_each_file_with_its_reference():
     from examples import statistics
 
     rng = np.random.default_rng(0)
-    keys = ["float", "ptq8_cpu", "ptq8_tensorrt", "qat8_cpu", "ptq4", "qat4"]
+    keys = ["float", "ptq8_cpu", "ptq8_tensorrt", "qat8_cpu", "ptq4", "qat4", "float_ft"]
     correct = {key: rng.random(400) < 0.8 for key in keys}
     comparisons = qat.comparisons(correct, ["cpu", "tensorrt"], ["cpu"])
     assert set(comparisons) == {"ptq8_cpu vs float", "ptq8_tensorrt vs float", "qat8_cpu vs float",
                                 "qat8_cpu vs ptq8_cpu", "ptq4 vs float", "qat4 vs float",
-                                "qat4 vs ptq4"}
+                                "qat4 vs ptq4", "float_ft vs float", "qat8_cpu vs float_ft",
+                                "qat4 vs float_ft"}
     expected = statistics.paired_comparison(correct["ptq8_cpu"], correct["qat8_cpu"])
     assert comparisons["qat8_cpu vs ptq8_cpu"] == expected
     row = {"network": "mobilenet", "seed": 0, "test_examples": 400, "comparisons": comparisons,
@@ -53,3 +56,6 @@ def test_comparisons_and_interval_tables_pair_each_file_with_its_reference():
     assert "400 test images" in text
     line = next(x for x in text.splitlines() if x.startswith("| QAT int8, target cpu |"))
     assert statistics.format_comparison(expected) in line
+    control = statistics.format_comparison(comparisons["qat8_cpu vs float_ft"])
+    assert line.endswith(f"| {control} |")
+    assert "| float fine-tuned as QAT (control) |" in text
