@@ -96,14 +96,27 @@ def _error(error):
     return f"{type(error).__name__}: {text[:400]}"
 
 
-def _step(record, key, function):
-    """Run `function`, record its dict (or its error) and seconds under `key`."""
+STEPS = ("fold", "float", "int8", "latency", "qat", "keras_export")
+
+
+def _step(record, key, function, checkpoint):
+    """Run `function`, record its dict (or its error), seconds and the process's peak memory so
+    far under `key`. `record` is written to `checkpoint` before the step, naming it as running:
+    a process the system kills (out of memory) still reports the steps it finished."""
+    import resource
+
+    record["running"] = key
+    with open(checkpoint, "w") as file:
+        json.dump(record, file, indent=1, default=float)
     start = time.perf_counter()
     try:
         record[key] = {"ok": True, **function()}
     except Exception as error:  # the benchmark records every failure and goes on
         record[key] = {"ok": False, "error": _error(error)}
     record[key]["seconds"] = round(time.perf_counter() - start, 2)
+    record[key]["peak_rss_gib"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
+    del record["running"]
     return record[key]
 
 
@@ -209,7 +222,7 @@ def run_one(name, work_dir, repeats):
         qat = keras_bn.prepare_qat(model)
         qat(calibration[:32], training=True)  # sets the learned input ranges
         path = os.path.join(work_dir, f"{name}.qat.onnx")
-        result = export.to_onnx(qat, path, openvino=False)
+        result = export.to_onnx(qat, path, validation_data=validation, openvino=False)
         return {"qat_layers": len(result.qat_layers), "max_error_steps": result.max_error_steps,
                 "beyond_one_step": result.beyond_one_step, "layer_check": result.layer_check,
                 **_graph_facts(path)}
@@ -229,14 +242,17 @@ def run_one(name, work_dir, repeats):
         error = float(np.max(np.abs(got - outputs)) / max(1.0, np.max(np.abs(outputs))))
         return {"loads": True, "max_error": error, **facts}
 
-    _step(record, "fold", fold) if batchnorms else record.update(fold={"ok": True, "folded": 0,
-                                                                         "left": 0})
-    _step(record, "float", float_export)
-    _step(record, "int8", int8_export)
+    checkpoint = os.path.join(work_dir, f"{name}.json")
+    if batchnorms:
+        _step(record, "fold", fold, checkpoint)
+    else:
+        record.update(fold={"ok": True, "folded": 0, "left": 0})
+    _step(record, "float", float_export, checkpoint)
+    _step(record, "int8", int8_export, checkpoint)
     if record["float"]["ok"] and record["int8"]["ok"]:
-        _step(record, "latency", latency)
-    _step(record, "qat", qat_export)
-    _step(record, "keras_export", keras_export)
+        _step(record, "latency", latency, checkpoint)
+    _step(record, "qat", qat_export, checkpoint)
+    _step(record, "keras_export", keras_export, checkpoint)
     return record
 
 
@@ -258,12 +274,28 @@ def _run_in_process(name, work_dir, repeats, time_limit):
         process.communicate()
         return {"model": name, "process": f"killed at the time limit of {time_limit} s"}
     seconds = round(time.perf_counter() - start, 1)
-    if process.returncode != 0 or not os.path.exists(out):
-        tail = " ".join(stderr.strip().splitlines()[-3:])[-400:]
-        return {"model": name, "process": f"exit status {process.returncode}: {tail}",
-                "seconds": seconds}
-    with open(out) as file:
-        record = json.load(file)
+    record = {}
+    if os.path.exists(out):
+        with open(out) as file:
+            record = json.load(file)
+    if process.returncode == 0 and "running" not in record:
+        record["seconds"] = seconds
+        return record
+    if process.returncode == -signal.SIGKILL:
+        why = "killed by the system (SIGKILL: out of memory"
+        steps = [record[key]["peak_rss_gib"] for key in STEPS if key in record]
+        why += f"; {steps[-1]} GiB at the last step finished)" if steps else ")"
+    else:
+        tail = " ".join(line for line in stderr.strip().splitlines()[-3:]
+                        if "oneDNN" not in line and "cuda" not in line)[-300:]
+        why = f"exit status {process.returncode}: {tail}"
+    running = record.pop("running", None)
+    if not record or running is None:
+        return {"model": name, "process": why, "seconds": seconds}
+    # the steps it finished stand; the one it died in and those after it are failures
+    for key in STEPS[STEPS.index(running):]:
+        if key != "latency":
+            record[key] = {"ok": False, "error": why if key == running else "not reached"}
     record["seconds"] = seconds
     return record
 
@@ -319,7 +351,9 @@ def markdown(results):
         if qat["ok"] and qat.get("layer_check"):
             qat_cell += f"; worst layer {qat['layer_check'][2]:.1%} beyond one"
         keras_export = record["keras_export"]
-        if not keras_export["ok"]:
+        if keras_export.get("error") == "not reached":
+            keras_cell = "not reached"
+        elif not keras_export["ok"]:
             keras_cell = f"fails: {keras_export['error'][:120]}"
         elif not keras_export["loads"]:
             keras_cell = f"writes a file onnxruntime refuses: {keras_export['load_error'][:120]}"

@@ -210,7 +210,8 @@ def build_parser():
                       "those the deployed model will see)")
     int8.add_argument("--validation", metavar="DATA",
                       help="inputs (and labels) the int8 graph is compared with the float graph "
-                      "on (default: the calibration data, an optimistic figure)")
+                      "on (default: the calibration data, an optimistic figure); without --int8, "
+                      "inputs a QAT model's export is also verified on")
     int8.add_argument("--calibration-method", choices=CALIBRATION_METHODS,
                       help="how activation ranges are chosen (default minmax)")
     int8.add_argument("--calibration-batches", type=_positive_integer, metavar="N",
@@ -286,7 +287,7 @@ def _check_paths(model, output):
 def _check_int8_options(parser, args):
     """Exits with a usage error for int8 options that do not go together."""
     int8_only = [option for option, value in (
-        ("--calibration", args.calibration), ("--validation", args.validation),
+        ("--calibration", args.calibration),
         ("--calibration-method", args.calibration_method),
         ("--calibration-batches", args.calibration_batches),
         ("--min-agreement", args.min_agreement)) if value is not None]
@@ -418,13 +419,14 @@ def main(argv=None):
     if problem:
         return _fail(problem)
     data = {}
-    if args.int8:
-        try:
+    try:
+        if args.int8:
             data["calibration_data"] = _as_data(*load_data(args.calibration, "--calibration"))
-            if args.validation is not None:
-                data["validation_data"] = _as_data(*load_data(args.validation, "--validation"))
-        except ValueError as error:
-            return _fail(error)
+        if args.validation is not None:
+            data["validation_data"] = _as_data(*load_data(args.validation, "--validation"))
+    except ValueError as error:
+        return _fail(error)
+    if args.int8:
         data.update(
             quantize="int8",
             calibration_method=args.calibration_method or "minmax",
@@ -534,6 +536,9 @@ def _in_option_words(message):
 def _with_option_names(message, args):
     """`to_onnx`'s message about `calibration_data` or `validation_data` in the command line's
     words: the option and its file."""
+    if message.startswith("validation_data is used only"):
+        return ("--validation goes with --int8, or verifies a QAT model's export "
+                f"(keras_bn.prepare_qat); {args.model} holds no QAT layer")
     for argument, option, path in (("calibration_data", "--calibration", args.calibration),
                                    ("validation_data", "--validation", args.validation)):
         if message.startswith(argument):

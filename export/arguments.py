@@ -45,6 +45,14 @@ def check_sizes(sizes, argument, what):
     return checked
 
 
+def check_float_data(validation_data, qat_layers):
+    """`validation_data` without `quantize` is for a QAT model's export only."""
+    if validation_data is not None and not qat_layers:
+        raise ValueError("validation_data is used only with quantize='int8' or a QAT model "
+                         "(keras_bn.prepare_qat), whose export it verifies on; the float32 export "
+                         "needs no data. Received: quantize=None")
+
+
 def check_quantization_options(quantize, calibration_data, validation_data, float16_weights,
                                method, batches, min_agreement, target, openvino):
     if quantize not in QUANTIZE_OPTIONS:
@@ -55,13 +63,11 @@ def check_quantization_options(quantize, calibration_data, validation_data, floa
     if openvino not in ("auto", True, False):
         raise ValueError(f"openvino must be 'auto', True or False. Received: {openvino!r}")
     if quantize is None:
-        given = [name for name, value in (("calibration_data", calibration_data),
-                                          ("validation_data", validation_data))
-                 if value is not None]
-        if given:
-            raise ValueError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} used "
-                             "only with quantize='int8'; the float32 export needs no data. "
-                             "Received: quantize=None")
+        # validation_data also verifies a QAT model's export: `check_float_data` judges it
+        # once the model is known
+        if calibration_data is not None:
+            raise ValueError("calibration_data is used only with quantize='int8'; the float32 "
+                             "export needs no data. Received: quantize=None")
         return
     if calibration_data is None:
         raise ValueError(

@@ -59,6 +59,23 @@ def keras_runs(model, inputs, output_names, nchw, runs, seed):
     return result
 
 
+def data_runs(model, proto, data, output_names, nchw, max_batches):
+    """A `Run` per batch of 32 of `data` (any form `quantize_int8` takes, labels ignored), at
+    most `max_batches`: real inputs, where random ones lie outside a QAT model's learned input
+    ranges and quantize to a few codes."""
+    from export import calibration_data
+
+    feeds = calibration_data.Feeds(data, calibration_data.graph_inputs(proto, nchw), 32,
+                                   max_batches, "validation_data", verbose=0)
+    runs = []
+    for index, (feed, _) in enumerate(feeds.pairs()):
+        arrays = [_nhwc(feed[spec.name], spec.channels_first) for spec in feeds.inputs]
+        expected = [keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(
+            model(verification.as_model_input(model, arrays), training=False))]
+        runs.append(Run(feed, expected, f"validation_data batch {index}"))
+    return runs
+
+
 def constant_outputs(runs, tolerance):
     """Whether Keras's outputs vary over no run's examples by more than `tolerance` times their
     scale (`keras_bn.verification.can_show_error`): then no comparison with them could fail, and

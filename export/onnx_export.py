@@ -43,6 +43,8 @@ QAT_MAX_BEYOND_ONE_STEP = runtimes.MAX_BEYOND_ONE_STEP
 # A QAT model's verification adds a run of this many random inputs, so that the fraction beyond
 # one step is measured on more than the few values of batches of 1 and 3.
 QAT_VERIFICATION_BATCH = 64
+# A QAT model's verification also runs this many batches of 32 of `validation_data`, when given.
+QAT_VALIDATION_BATCHES = 4
 
 
 @dataclasses.dataclass
@@ -123,6 +125,7 @@ class ExportResult:
     runtimes: list = dataclasses.field(default_factory=list)
     outputs_constant: bool = False
     layer_check: tuple = None
+    validation_batches: int = 0
 
     @property
     def num_nodes(self):
@@ -162,7 +165,10 @@ class ExportResult:
                           f"{self.beyond_one_step:.2%} of values beyond one step")
             if self.layer_check is not None:
                 count, worst, fraction = self.layer_check
-                steps = (f"layer by layer (each quantizer fed Keras's values), {count} quantized "
+                data = (f", on random inputs and {self.validation_batches} batches of "
+                        "validation_data" if self.validation_batches else "")
+                steps = (f"layer by layer (each quantizer fed Keras's values{data}), {count} "
+                         f"quantized "
                          f"input{'s' if count != 1 else ''} within one step but {fraction:.2%} "
                          f"of codes (worst: {worst}); "
                          f"at the outputs, carried through the network: {steps}")
@@ -256,7 +262,9 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
             model's inputs (shape, dtype, finite, not empty) before anything else is done.
         validation_data: data the int8 graph is compared with the float graph on, in the same
             forms; labels `y` in `(x, y)` add both graphs' top-1 accuracies. `None` compares on
-            `calibration_data`, an optimistic figure.
+            `calibration_data`, an optimistic figure. For a QAT model (no `quantize`): inputs
+            its export is also verified on (the first `QAT_VALIDATION_BATCHES` batches of 32),
+            besides the random ones, which may lie far outside the learned input ranges.
         calibration_method: "minmax" (default), "entropy" or "percentile" (see
             `export.quantize_int8`).
         calibration_batches: the most calibration batches read (array data is split into
@@ -314,8 +322,13 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         tolerance = verification.default_tolerance(model, half_precision=float16_weights)
     inputs, output_names, nchw = conversion.graph_interface(model, input_names, output_names,
                                                             channels_first)
+    if quantize is None:
+        arguments.check_float_data(validation_data, qat_layers)
     if quantize is not None:  # a mistake in the data fails here, before minutes of conversion
         quantization.check_inputs(calibration_data, validation_data, inputs, calibration_batches)
+    elif validation_data is not None:
+        quantization.check_data(validation_data, [(s.name, s.shape, s.dtype) for s in inputs],
+                                max_batches=QAT_VALIDATION_BATCHES, argument="validation_data")
     with _documented_errors():
         logger.info("to_onnx: freezing '%s'", model.name)
         frozen = freeze(model, fold=fold, verify=verify, tolerance=tolerance)
@@ -329,7 +342,8 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         if qat_layers:
             runs.append((QAT_VERIFICATION_BATCH, runs[0][1]))
         verified = _verify(model, proto, inputs, output_names, nchw, runs, verify, seed,
-                           tolerance, openvino, int8_target if qat_layers else None)
+                           tolerance, openvino, int8_target if qat_layers else None,
+                           validation_data if quantize is None else None)
         report = None
         if quantize == "int8":
             logger.info("to_onnx: quantizing to int8 for target '%s' (%s calibration)",
@@ -370,6 +384,7 @@ def to_onnx(model, path, *, opset=DEFAULT_OPSET, input_names=None, output_names=
         target=None if int8_target is None else int8_target.name,
         runtimes=verified.runtimes, outputs_constant=verified.outputs_constant,
         layer_check=verified.by_layers,
+        validation_batches=sum(run.where.startswith("validation_data") for run in verified.runs),
     )
     logger.info("to_onnx: %s", result.summary().replace("\n", "; "))
     return result
@@ -405,9 +420,10 @@ class _Verified:
 
 
 def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolerance, openvino,
-            qat_target):
+            qat_target, validation_data=None):
     """The converted graph against Keras: a float graph to `tolerance` in onnxruntime (and
-    OpenVINO); a QAT graph (`qat_target` given) in quantization steps by its meaning, then its
+    OpenVINO); a QAT graph (`qat_target` given) in quantization steps by its meaning, on the
+    random runs and the first `QAT_VALIDATION_BATCHES` batches of `validation_data`, then its
     target's rules and runtimes."""
     data = proto.SerializeToString()
     if not verify:
@@ -424,6 +440,9 @@ def _verify(model, proto, inputs, output_names, nchw, runs, verify, seed, tolera
                                         "Keras like onnxruntime")] if use_openvino else []
         return _Verified(max_error, runs=keras_runs, runtimes=checks,
                          outputs_constant=keras_comparison.constant_outputs(keras_runs, tolerance))
+    if validation_data is not None:
+        keras_runs += keras_comparison.data_runs(model, proto, validation_data, output_names,
+                                                 nchw, QAT_VALIDATION_BATCHES)
     by_layers = keras_comparison.verify_by_layers(model, data, keras_runs, output_names, nchw)
     max_error, steps, beyond, meanings = keras_comparison.verify_in_steps(
         data, keras_runs, output_names, judge=by_layers is None)

@@ -438,3 +438,12 @@ def test_freeze_bn_statistics_names_every_fused_layer_type():
     for name in ("Conv2DBatchNormalization", "DepthwiseConv2DBatchNormalization",
                  "DenseBatchNormalization"):
         assert name in str(error.value)
+
+
+def test_validation_without_int8_is_for_qat_models(saved_model, tmp_path, capsys):
+    np.save(tmp_path / "validation.npy", np.ones((4, 8, 8, 3), "float32"))
+    status = main([str(saved_model), "-o", str(tmp_path / "out.onnx"), "--validation",
+                   str(tmp_path / "validation.npy")])
+    _assert_one_line_failure(capsys, status, 2, "--validation goes with --int8, or verifies a QAT "
+                                                "model's export (keras_bn.prepare_qat);")
+    assert not (tmp_path / "out.onnx").exists()

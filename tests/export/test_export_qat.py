@@ -165,6 +165,10 @@ def test_cli_exports_a_saved_qat_model(qat_model, tmp_path, capsys):
     x = images(32, seed=4)
     assert_within_one_step(run(output, x), qat_model(x, training=False).numpy())
     np.save(tmp_path / "calibration.npy", x)
+    # --validation without --int8: the QAT export is also verified on those inputs
+    assert main([str(saved), "-o", str(output), "--validation",
+                 str(tmp_path / "calibration.npy")]) == 0
+    assert "on random inputs and 1 batches of validation_data" in capsys.readouterr().out
     status = main([str(saved), "-o", str(tmp_path / "int8.onnx"), "--int8", "--calibration",
                    str(tmp_path / "calibration.npy")])
     assert status != 0
@@ -411,3 +415,31 @@ def test_a_range_ending_at_a_half_code_exports_keras_grid(tmp_path):
     x = np.random.default_rng(1).choice([-2.0, 0.0, 127.5, 255.0, 256.0], (16, 8, 8, 3))
     x = x.astype("float32")
     np.testing.assert_allclose(run(path, x), qat(x, training=False).numpy(), atol=1e-5)
+
+
+def test_qat_export_verifies_on_validation_data(qat_model, tmp_path):
+    x = images(40, seed=9)
+    result = export.to_onnx(qat_model, tmp_path / "qat.onnx", validation_data=x,
+                            openvino=False)
+    assert result.layer_check[0] == 2 and result.layer_check[2] <= 0.01
+    assert result.validation_batches == 2  # 32 + 8 images
+    assert "on random inputs and 2 batches of validation_data" in result.summary()
+    # a wrong batch is named before any conversion, and a float model takes no data
+    with pytest.raises(ValueError, match="validation_data.*expected shape"):
+        export.to_onnx(qat_model, tmp_path / "bad.onnx", validation_data=x[:, :6])
+    with pytest.raises(ValueError, match="validation_data is used only with quantize='int8' or "
+                                         "a QAT model"):
+        export.to_onnx(branchy_model(), tmp_path / "float.onnx", validation_data=x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.onnx"]
+
+
+def test_verification_runs_on_validation_data_batches(qat_model):
+    from export import conversion, keras_comparison
+
+    x = images(70, seed=10)
+    inputs, names, nchw = conversion.graph_interface(qat_model, None, None, False)
+    graph = conversion.convert(export.freeze(qat_model), inputs, names, 17, nchw)
+    runs = keras_comparison.data_runs(qat_model, graph, x, names, nchw, max_batches=2)
+    assert [run.where for run in runs] == ["validation_data batch 0", "validation_data batch 1"]
+    np.testing.assert_array_equal(runs[1].feed["image"], x[32:64])
+    np.testing.assert_allclose(runs[1].expected[0], qat_model(x[32:64], training=False).numpy())
