@@ -25,7 +25,9 @@ network and seed:
 6. the cost of a QAT training step relative to a float one (median step time, same batches).
 
 Every accuracy comes with its 95% Wilson interval on the test set, and every comparison (PTQ vs
-float, QAT vs PTQ, ...) with McNemar's exact test on the same test images (`examples.statistics`).
+float, QAT vs PTQ, ...) with McNemar's exact test on the same test images (`examples.statistics`);
+over several seeds, each comparison's mean difference with Student's t interval over the seeds
+(`examples.statistics.across_seeds`: the training's variation, not only the test set's).
 Population statistics (Algorithm 2) average 128 training batches of 32.
 
 Writes `--output-dir`/qat.json and qat.md (qat_<data>.json and .md for another data set than
@@ -304,10 +306,11 @@ def run_one(network, data, seed, args, folder):
 
 def summarize(rows, networks):
     summary = {}
-    keys = ("float", "ptq8", "qat8", "ptq4", "qat4", "qat_step_cost")
+    keys = ("float", "ptq8", "qat8", "ptq4", "qat4", "float_ft", "qat_step_cost")
     for network in networks:
         mine = [r for r in rows if r["network"] == network]
-        means = {key: float(np.mean([r[key] for r in mine])) for key in keys}
+        means = {key: float(np.mean([r[key] for r in mine])) for key in keys
+                 if all(key in r for r in mine)}
         drop = 100 * (means["float"] - means["qat8"])
         summary[network] = {
             "seeds": [r["seed"] for r in mine],
@@ -316,22 +319,49 @@ def summarize(rows, networks):
             "qat8_within_0.2_points_of_float": bool(drop <= MAX_QAT_DROP_POINTS),
             "qat8_never_below_ptq8": all(r["qat8"] >= r["ptq8"] for r in mine),
             "qat4_minus_ptq4_points": 100 * (means["qat4"] - means["ptq4"]),
+            # each paired comparison over the seeds: what the method does, not one network
+            "across_seeds": {key: accuracy_statistics.across_seeds(
+                [r["comparisons"][key] for r in mine]) for key in mine[0].get("comparisons", {})
+                if all(key in r.get("comparisons", {}) for r in mine)},
         }
     return summary
 
 
 def table(rows, summary):
     lines = ["| network | seed | float | PTQ int8 | QAT int8 | PTQ 4-bit w | QAT 4-bit w | "
-             "QAT step / float |", "|---|---|---|---|---|---|---|---|"]
+             "float fine-tuned (control) | QAT step / float |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(values):
+        return " | ".join(f"{values[key]:.2%}" if key in values else "" for key in
+                          ("float", "ptq8", "qat8", "ptq4", "qat4", "float_ft"))
+
     for r in rows:
-        lines.append(f"| {r['network']} | {r['seed']} | {r['float']:.2%} | {r['ptq8']:.2%} | "
-                     f"{r['qat8']:.2%} | {r['ptq4']:.2%} | {r['qat4']:.2%} | "
-                     f"{r['qat_step_cost']:.2f}x |")
+        lines.append(f"| {r['network']} | {r['seed']} | {cells(r)} | {r['qat_step_cost']:.2f}x |")
     for network, s in summary.items():
         m = s["mean"]
-        lines.append(f"| **{network} mean** | | {m['float']:.2%} | {m['ptq8']:.2%} | "
-                     f"{m['qat8']:.2%} | {m['ptq4']:.2%} | {m['qat4']:.2%} | "
-                     f"{m['qat_step_cost']:.2f}x |")
+        lines.append(f"| **{network} mean** | | {cells(m)} | {m['qat_step_cost']:.2f}x |")
+    return "\n".join(lines)
+
+
+def seeds_table(summary):
+    """Each paired comparison over the seeds, per network: the mean difference with Student's t
+    interval over the seeds, and how many seeds' McNemar tests found it."""
+    lines = []
+    for network, s in summary.items():
+        comparisons = s.get("across_seeds", {})
+        if not comparisons:
+            continue
+        seeds = len(s["seeds"])
+        lines += [f"{network}, over {seeds} seed{'s' if seeds != 1 else ''} (B - A in points; "
+                  "the interval and t-test over the seeds; McNemar's test per seed at p<0.05):",
+                  "", "| B vs A | per seed | across seeds |", "|---|---|---|"]
+        for key, c in comparisons.items():
+            b, a = key.split(" vs ")
+            per_seed = ", ".join(f"{100 * d:+.2f}" for d in c["differences"])
+            lines.append(f"| {_label(b)} vs {_label(a)} | {per_seed} | "
+                         f"{accuracy_statistics.format_across_seeds(c)} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -399,8 +429,9 @@ def main(argv=None):
     rows = []
     command = "python -m examples.qat " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as folder:
-        for network in args.networks:
-            for seed in args.seeds:
+        # Seeds outermost: a run cut short covers every network.
+        for seed in args.seeds:
+            for network in args.networks:
                 keras.backend.clear_session()
                 rows.append(run_one(network, data, seed, args, folder))
                 # Written after every row: a run cut short keeps what it measured.
@@ -434,7 +465,7 @@ def write_results(args, data, rows, command, seconds):
     markdown = (f"{result['what']}.\n\n`{command}`: float {args.float_steps} steps, QAT "
                 f"{args.qat_steps} steps, seeds {sorted({r['seed'] for r in rows})}"
                 f"{'' if complete else ' (incomplete run)'}\n\n" + table(rows, summary)
-                + "\n\n" + interval_tables(rows))
+                + "\n\n" + seeds_table(summary) + "\n" + interval_tables(rows))
     reporting.write_text(os.path.join(args.output_dir, f"{stem}.md"), markdown + "\n")
     written = f"{args.output_dir}/{stem}.json, {stem}.md"
     if data.name == "digits" and complete:

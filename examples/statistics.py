@@ -5,7 +5,9 @@ An accuracy on n test images is a binomial proportion: `accuracy_interval` gives
 interval (or the Clopper-Pearson exact one) through `scipy.stats.binomtest`. Two models scored on
 the same images differ only where one is right and the other wrong (the discordant pairs);
 `paired_comparison` tests whether those split evenly with McNemar's exact test (a two-sided
-binomial test of the discordant counts at 1/2) and gives the difference's interval.
+binomial test of the discordant counts at 1/2) and gives the difference's interval. Those speak
+of one trained network each; `across_seeds` speaks of the method: the same difference measured
+after training with several seeds, with Student's t interval over the seeds.
 
 References:
     Wilson, "Probable inference, the law of succession, and statistical inference", JASA 1927.
@@ -75,6 +77,48 @@ def paired_comparison(correct_a, correct_b, confidence=CONFIDENCE):
     return {"n": n, "a_only": a_only, "b_only": b_only, "difference": difference,
             "low": float(difference - half), "high": float(difference + half),
             "p_value": float(p_value), "confidence": confidence}
+
+
+def across_seeds(comparisons, confidence=CONFIDENCE, alpha=0.05):
+    """One comparison (B vs A, `paired_comparison`'s result) repeated over training seeds: what
+    varies is the training, not only the test images.
+
+    Returns:
+        {"seeds", "differences", "mean", "low", "high", "p_value", "b_better", "a_better"}:
+        the per-seed differences (B - A, fractions), their mean with Student's t interval and
+        one-sample t-test p-value over the seeds (None for one seed; with no spread the interval is
+        the mean itself and p is 0 or 1), and how many seeds'
+        McNemar p is below `alpha` in each direction.
+    """
+    if not comparisons:
+        raise ValueError("`comparisons` must hold at least one seed's comparison. Received: []")
+    differences = np.array([c["difference"] for c in comparisons], dtype=float)
+    seeds, mean = len(differences), float(differences.mean())
+    low = high = p_value = None
+    if seeds > 1:
+        spread = float(differences.std(ddof=1))
+        if spread == 0:
+            low = high = mean
+            p_value = 1.0 if mean == 0 else 0.0
+        else:
+            half = stats.t.ppf(0.5 + confidence / 2, seeds - 1) * spread / np.sqrt(seeds)
+            low, high = mean - half, mean + half
+            p_value = float(stats.ttest_1samp(differences, 0.0).pvalue)
+    significant = [c for c in comparisons if c["p_value"] < alpha]
+    return {"seeds": seeds, "differences": differences.tolist(), "mean": mean, "low": low,
+            "high": high, "p_value": p_value, "confidence": confidence,
+            "b_better": sum(c["difference"] > 0 for c in significant),
+            "a_better": sum(c["difference"] < 0 for c in significant)}
+
+
+def format_across_seeds(summary):
+    """'+0.42 pt [-0.10, +0.94] over 3 seeds, t-test p=0.08; McNemar p<0.05: 2 better, 0 worse'."""
+    s = summary
+    text = f"{100 * s['mean']:+.2f} pt"
+    if s["low"] is not None:
+        text += (f" [{100 * s['low']:+.2f}, {100 * s['high']:+.2f}] over {s['seeds']} seeds, "
+                 f"t-test p={s['p_value']:.2g}")
+    return text + f"; McNemar p<0.05: {s['b_better']} better, {s['a_better']} worse"
 
 
 def format_accuracy(interval):

@@ -59,3 +59,29 @@ def test_comparisons_and_interval_tables_pair_each_file_with_its_reference():
     control = statistics.format_comparison(comparisons["qat8_cpu vs float_ft"])
     assert line.endswith(f"| {control} |")
     assert "| float fine-tuned as QAT (control) |" in text
+
+
+def test_seeds_table_gives_each_comparison_over_the_seeds():
+    import numpy as np
+
+    from examples import statistics
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in range(3):
+        correct = {key: rng.random(500) < 0.8 for key in ("float", "ptq8_cpu", "qat8_cpu",
+                                                          "ptq4", "qat4", "float_ft")}
+        row = {key: float(np.mean(v)) for key, v in correct.items()}
+        row.update(network="mobilenet", seed=seed, ptq8=row["ptq8_cpu"], qat8=row["qat8_cpu"],
+                   qat_step_cost=4.0, comparisons=qat.comparisons(correct, ["cpu"], ["cpu"]))
+        rows.append(row)
+    summary = qat.summarize(rows, ["mobilenet"])
+    across = summary["mobilenet"]["across_seeds"]["qat8_cpu vs float_ft"]
+    assert across == statistics.across_seeds([r["comparisons"]["qat8_cpu vs float_ft"]
+                                              for r in rows])
+    assert summary["mobilenet"]["mean"]["float_ft"] == np.mean([r["float_ft"] for r in rows])
+    text = qat.seeds_table(summary)
+    line = next(x for x in text.splitlines()
+                if x.startswith("| QAT int8, target cpu vs float fine-tuned as QAT (control) |"))
+    assert line.endswith(f"| {statistics.format_across_seeds(across)} |") and "over 3 seeds" in line
+    assert "| mobilenet | 2 |" in qat.table(rows, summary)

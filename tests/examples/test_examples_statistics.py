@@ -58,3 +58,28 @@ def test_bad_inputs_are_refused():
         statistics.accuracy_interval(correct(1, 2), method="wald")
     assert statistics.format_accuracy(statistics.accuracy_interval(correct(1, 2))).startswith(
         "50.00% [")
+
+
+def test_across_seeds_is_students_t_over_the_seeds():
+    rng = np.random.default_rng(0)
+    a = rng.random(1000) < 0.8
+    comparisons = []
+    for flip in (30, 50, 4):
+        b = a.copy()
+        b[np.flatnonzero(~a)[:flip]] = True  # B right on `flip` more images
+        comparisons.append(statistics.paired_comparison(a, b))
+    summary = statistics.across_seeds(comparisons)
+    differences = np.array([0.03, 0.05, 0.004])
+    np.testing.assert_allclose(summary["differences"], differences)
+    mean, error = differences.mean(), differences.std(ddof=1) / np.sqrt(3)
+    half = 4.302652729911275 * error  # t(0.975, 2 degrees of freedom)
+    np.testing.assert_allclose([summary["mean"], summary["low"], summary["high"]],
+                               [mean, mean - half, mean + half])
+    t = mean / error  # two degrees of freedom: P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2
+    np.testing.assert_allclose(summary["p_value"], 1 - t / np.sqrt(t ** 2 + 2))
+    assert (summary["b_better"], summary["a_better"]) == (2, 0)  # 4 flips: McNemar p = 0.125
+    assert "over 3 seeds" in statistics.format_across_seeds(summary)
+    one = statistics.across_seeds(comparisons[:1])
+    assert one["low"] is None and "seeds" not in statistics.format_across_seeds(one)
+    with pytest.raises(ValueError, match="at least one seed"):
+        statistics.across_seeds([])
