@@ -283,7 +283,8 @@ def _run_in_process(name, work_dir, repeats, time_limit):
         return record
     if process.returncode == -signal.SIGKILL:
         why = "killed by the system (SIGKILL: out of memory"
-        steps = [record[key]["peak_rss_gib"] for key in STEPS if key in record]
+        steps = [record[key]["peak_rss_gib"] for key in STEPS
+                 if "peak_rss_gib" in record.get(key, {})]
         why += f"; {steps[-1]} GiB at the last step finished)" if steps else ")"
     else:
         tail = " ".join(line for line in stderr.strip().splitlines()[-3:]
