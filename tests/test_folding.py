@@ -641,3 +641,60 @@ def test_folded_model_holds_no_optimizer_state(tmp_path, kind):
     loaded = keras.saving.load_model(path)
     assert not loaded.compiled
     assert_same_outputs(folded, loaded, rtol=1e-6)
+
+
+def _pairs_model():
+    """conv -> BN, BN -> 1x1 conv (folds into the following layer), a nested dense -> BN."""
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn_after")(x)
+    x = layers.ReLU()(x)
+    x = layers.BatchNormalization(name="bn_before")(x)
+    x = layers.Conv2D(5, 1, name="pointwise")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    head_inputs = keras.Input((5,))
+    head = keras.Model(head_inputs, layers.BatchNormalization(name="bn_dense")(
+        layers.Dense(3, name="dense")(head_inputs)), name="head")
+    return randomize(keras.Model(inputs, head(x)))
+
+
+def test_each_fold_alone_is_checked_against_its_layer_and_bn():
+    from keras_bn.folding import graph
+
+    model = _pairs_model()
+    folded = keras_bn.fold_batchnorm(model)
+    report = folded.fold_report
+    assert sorted(bn for bn, _ in report.folded) == ["bn_after", "bn_before", "head/bn_dense"]
+    assert graph._worst_pair_error(model, folded, report) < 1e-5
+    kernel = folded.get_layer("head").get_layer("dense").kernel
+    kernel.assign(kernel.numpy() * 1.01)  # a fold 1% off, in a nested model
+    assert graph._worst_pair_error(model, folded, report) > 1e-3
+
+
+def test_a_quantizing_model_is_verified_fold_by_fold(monkeypatch):
+    """In a QAT model a value at a rounding boundary moves a whole grid step when float32 sums
+    differ, and the network carries it on: the outputs cannot judge a fold there; each fold
+    alone can. A float model keeps the end-to-end rule."""
+    from keras_bn.folding import graph
+
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.SeparableConv2D(4, 3, padding="same", name="separable")(x)
+    x = layers.BatchNormalization(name="bn_separable")(x)  # prepare_qat leaves it; freeze folds
+    model = randomize(keras.Model(inputs, layers.GlobalAveragePooling2D()(x)))
+    qat = keras_bn.prepare_qat(model)
+    qat(np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32"), training=True)
+    # at tolerance 1e-12 the end-to-end comparison fails on float32 rounding alone
+    monkeypatch.setattr(graph, "_worst_pair_error", lambda *args: 0.0)
+    report = keras_bn.fold_batchnorm(qat, tolerance=1e-12).fold_report
+    assert report.folded == [("bn_separable", "separable")]
+    assert report.pair_max_error == 0.0 and report.verified
+    assert "verified fold by fold: each of the 1 folds" in report.verification_line()
+    with pytest.raises(keras_bn.VerificationError, match="Each fold alone is within 0 of its "
+                                                         "layer and BN, so the network amplifies"):
+        keras_bn.fold_batchnorm(model, tolerance=1e-12)
+    monkeypatch.setattr(graph, "_worst_pair_error", lambda *args: 0.5)  # a wrong fold
+    with pytest.raises(keras_bn.VerificationError, match="Rounding alone stays far below"):
+        keras_bn.fold_batchnorm(qat, tolerance=1e-12)

@@ -25,8 +25,13 @@ class FoldReport:
         compared_with: None for a rewrite that must compute what the original computes (fold);
             else what the comparison is, for a model that differs by design (prepare_qat: "the
             float model", which fake-quantized kernels are not).
+        pair_max_error: set when the outputs differ beyond the tolerance in a model that
+            quantizes (QAT layers, whose rounding carries float32 differences on by whole grid
+            steps) and each fold alone, its layer and BN against the folded layer on a random
+            batch, is within the tolerance: the largest such relative error; else None.
         verified: True only when the outputs agree within the stated tolerance *and* vary enough
-            over the inputs for a wrong rewrite to show.
+            over the inputs for a wrong rewrite to show, or, in a model that quantizes, every
+            fold does alone (`pair_max_error`).
     """
 
     def __init__(self, model_name, folded=(), folded_before=(), left=()):
@@ -40,6 +45,7 @@ class FoldReport:
         self.variation = None
         self.examples = None
         self.compared_with = None
+        self.pair_max_error = None
 
     @property
     def verified(self):
@@ -47,6 +53,8 @@ class FoldReport:
         difference."""
         if self.max_error is None or self.tolerance is None or self.compared_with is not None:
             return False
+        if self.pair_max_error is not None:
+            return self.pair_max_error <= self.tolerance
         return self.max_error <= self.tolerance * self.scale and not self.outputs_constant
 
     @property
@@ -74,6 +82,11 @@ class FoldReport:
                          f"{self.variation:.3g}), so this says little")
             return line
         bound = f"tolerance {self.tolerance:g} x scale {self.scale:.3g}"
+        if self.pair_max_error is not None:
+            return (f"verified fold by fold: each of the {len(self.folded)} folds within "
+                    f"{self.pair_max_error:.2g} of its layer and BN (tolerance "
+                    f"{self.tolerance:g}); the outputs of this quantizing model differ by "
+                    f"{error} > {bound} over {inputs}, rounding carried on by whole grid steps")
         if self.outputs_constant:
             return (f"NOT verified: the original's outputs are constant over {inputs} (they vary "
                     f"by {self.variation:.3g}, within {bound}), so a wrong fold could not show; "
