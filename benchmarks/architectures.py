@@ -222,7 +222,12 @@ def run_one(name, work_dir, repeats):
         qat = keras_bn.prepare_qat(model)
         qat(calibration[:32], training=True)  # sets the learned input ranges
         path = os.path.join(work_dir, f"{name}.qat.onnx")
-        result = export.to_onnx(qat, path, validation_data=validation, openvino=False)
+        from export import arguments
+
+        # validation_data verifies a QAT export; a model with no BN has no QAT layer to verify
+        quantizes = bool(arguments.qat_layers(qat))
+        result = export.to_onnx(qat, path, validation_data=validation if quantizes else None,
+                                openvino=False)
         return {"qat_layers": len(result.qat_layers), "max_error_steps": result.max_error_steps,
                 "beyond_one_step": result.beyond_one_step, "layer_check": result.layer_check,
                 **_graph_facts(path)}
@@ -393,9 +398,21 @@ def main(argv=None):
                         help="keep the other architectures' records of the results file and "
                              "replace those of --models")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.sizes:
+        import keras
+
+        sizes = {}
+        for name in args.sizes:
+            sizes[name] = getattr(keras.applications, name)(
+                weights=None, input_shape=(INPUT_SIZES.get(name, DEFAULT_SIZE),) * 2 + (3,),
+                classes=CLASSES).count_params()
+            keras.backend.clear_session()
+        print(json.dumps(sizes))
+        return 0
     if args.one:
         record = run_one(args.one, args.work_dir, args.repeats)
         with open(os.path.join(args.work_dir, f"{args.one}.json"), "w") as file:
@@ -408,14 +425,11 @@ def main(argv=None):
     import tf2onnx
 
     names = args.models or architectures()
-    # Smallest first: a run cut short still covers the most architectures.
-    sizes = {}
-    for name in names:
-        model = getattr(keras.applications, name)(
-            weights=None, input_shape=(INPUT_SIZES.get(name, DEFAULT_SIZE),) * 2 + (3,),
-            classes=CLASSES)
-        sizes[name] = model.count_params()
-        keras.backend.clear_session()
+    # Smallest first: a run cut short still covers the most architectures. Counted in a process
+    # of its own, whose memory (GiBs for the largest) is then given back to the runs.
+    sizes = json.loads(subprocess.run(
+        [sys.executable, "-m", "benchmarks.architectures", "--sizes", *names], check=True,
+        capture_output=True, text=True).stdout)
     names = sorted(names, key=sizes.get)
     results = {
         "cpu": machine.cpu_facts(),
