@@ -153,7 +153,7 @@ def _latency_ms(path, x, repeats):
     return round(1000 * statistics.median(times), 3)
 
 
-def run_one(name, work_dir, repeats):
+def run_one(name, work_dir, repeats, only=()):
     """Every step on one architecture; returns its record (a dict)."""
     import keras
     import numpy as np
@@ -248,6 +248,9 @@ def run_one(name, work_dir, repeats):
         return {"loads": True, "max_error": error, **facts}
 
     checkpoint = os.path.join(work_dir, f"{name}.json")
+    if only == ("keras_export",):  # Keras's export alone, where ours ran out of memory
+        _step(record, "keras_export", keras_export, checkpoint)
+        return record
     if batchnorms:
         _step(record, "fold", fold, checkpoint)
     else:
@@ -265,10 +268,11 @@ def run_one(name, work_dir, repeats):
 # The driver
 
 
-def _run_in_process(name, work_dir, repeats, time_limit):
+def _run_in_process(name, work_dir, repeats, time_limit, only=()):
     out = os.path.join(work_dir, f"{name}.json")
     command = [sys.executable, "-m", "benchmarks.architectures", "--one", name,
-               "--work-dir", work_dir, "--repeats", str(repeats)]
+               "--work-dir", work_dir, "--repeats", str(repeats)] + (
+                   ["--keras-export-only"] if only else [])
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True, text=True)
@@ -393,6 +397,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", help="architecture names (default: every one)")
     parser.add_argument("--time-limit", type=int, default=600, help="seconds per architecture")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--keras-export-only", action="store_true",
+                        help="with --update: run only Keras's own export for --models and keep "
+                        "their other results (for models ours could not measure)")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--update", action="store_true",
                         help="keep the other architectures' records of the results file and "
@@ -414,7 +421,8 @@ def main(argv=None):
         print(json.dumps(sizes))
         return 0
     if args.one:
-        record = run_one(args.one, args.work_dir, args.repeats)
+        record = run_one(args.one, args.work_dir, args.repeats,
+                         ("keras_export",) if args.keras_export_only else ())
         with open(os.path.join(args.work_dir, f"{args.one}.json"), "w") as file:
             json.dump(record, file, indent=1, default=float)
         return 0
@@ -437,17 +445,24 @@ def main(argv=None):
                      "tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "time_limit_s": args.time_limit, "models": [],
     }
-    kept = []
+    kept, before = [], {}
     if args.update and os.path.exists(os.path.join(args.output_dir, "architectures.json")):
         with open(os.path.join(args.output_dir, "architectures.json")) as file:
-            kept = [record for record in json.load(file)["models"] if record["model"] not in names]
+            previous = json.load(file)["models"]
+        kept = [record for record in previous if record["model"] not in names]
+        before = {record["model"]: record for record in previous}
     order = {name: index for index, name in enumerate(architectures())}
     fresh = []
     os.makedirs(args.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="architectures.") as work_dir:
         for name in names:
-            fresh.append(_run_in_process(name, work_dir, args.repeats, args.time_limit))
-            record = fresh[-1]
+            record = _run_in_process(name, work_dir, args.repeats, args.time_limit,
+                                     args.keras_export_only)
+            if args.keras_export_only and name in before:  # the other steps as they were
+                keras_export = record.get("keras_export") or {"ok": False,
+                                                              "error": record.get("process")}
+                record = {**before[name], "keras_export": keras_export}
+            fresh.append(record)
             results["models"] = sorted(kept + fresh, key=lambda r: (
                 sizes.get(r["model"]) or r.get("parameters") or float("inf"),
                 order.get(r["model"], 0)))
