@@ -314,6 +314,14 @@ def _ok(record, key):
     return bool(record.get(key, {}).get("ok"))
 
 
+def _failure(step, length):
+    """A failed step's cell: what our export refused, or what stopped the process."""
+    error = step["error"]
+    if error == "not reached" or error.startswith("killed by the system"):
+        return error[:length]
+    return f"refused: {error[:length]}"
+
+
 def markdown(results):
     cpu = results["cpu"]
     lines = [
@@ -323,7 +331,8 @@ def markdown(results):
         f"(avx512_vnni: {cpu['avx512_vnni']}, avx_vnni: {cpu['avx_vnni']}), Keras "
         f"{results['versions']['keras']}, TensorFlow {results['versions']['tensorflow']}, "
         f"tf2onnx {results['versions']['tf2onnx']}, onnxruntime "
-        f"{results['versions']['onnxruntime']}. weights=None, {CLASSES} classes, logits; BN "
+        f"{results['versions']['onnxruntime']}, {results.get('memory_gib', '?')} GiB of memory. "
+        "weights=None, {CLASSES} classes, logits; BN "
         "statistics estimated on scikit-learn's digits enlarged to the input size; each model in "
         "its own process "
         f"(time limit {results['time_limit_s']} s). Latency: onnxruntime, batch 1, 1 thread.",
@@ -345,9 +354,9 @@ def markdown(results):
                           f"{flt['max_error']:.1e}")
             left = ", ".join(f"{op} {n}" for op, n in flt["normalization_ops"].items()) or "none"
         else:
-            float_cell, left = f"refused: {flt['error'][:160]}", ""
+            float_cell, left = _failure(flt, 160), ""
         int8_cell = (f"{int8['nodes']}, {int8['file_size'] / 2**20:.1f}" if int8["ok"]
-                     else f"refused: {int8['error'][:160]}")
+                     else _failure(int8, 160))
         if int8.get("guard"):
             int8_cell += f" (guard off: top-1 agreement {int8.get('top1_agreement', 0):.0%})"
         speed = record.get("latency", {})
@@ -357,7 +366,7 @@ def markdown(results):
         qat_cell = (f"{qat['qat_layers']} layers; outputs {qat['max_error_steps']:.2f} steps max, "
                     f"{qat['beyond_one_step']:.1%} beyond one"
                     if qat["ok"] and qat.get("max_error_steps") is not None
-                    else "ok" if qat["ok"] else f"refused: {qat['error'][:120]}")
+                    else "ok" if qat["ok"] else _failure(qat, 120))
         if qat["ok"] and qat.get("layer_check"):
             qat_cell += f"; worst layer {qat['layer_check'][2]:.1%} beyond one"
         keras_export = record["keras_export"]
@@ -381,13 +390,18 @@ def markdown(results):
         if "process" in record:
             exceptions.append(f"- {name}: not measured ({record['process']}).")
             continue
-        keras_ok = _ok(record, "keras_export") and record["keras_export"].get("loads")
+        keras_export = record.get("keras_export", {})
+        if keras_export.get("ok"):
+            keras = ("Keras's export loads" if keras_export.get("loads")
+                     else "Keras's export writes a file that does not load")
+        elif keras_export.get("error", "not reached") == "not reached":
+            keras = "Keras's export not measured"
+        else:
+            keras = f"Keras's export fails: {keras_export['error'][:100]}"
         for key, what in (("float", "float export"), ("int8", "int8 export"),
                           ("qat", "QAT export")):
             if not _ok(record, key):
-                exceptions.append(f"- {name}, {what} (Keras's export "
-                                  f"{'loads' if keras_ok else 'does not load'}): "
-                                  f"{record[key]['error']}")
+                exceptions.append(f"- {name}, {what} ({keras}): {record[key]['error']}")
     lines += exceptions or ["None: every architecture exported float, int8 and QAT."]
     return "\n".join(lines) + "\n"
 
@@ -444,6 +458,7 @@ def main(argv=None):
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__,
                      "tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "time_limit_s": args.time_limit, "models": [],
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
     }
     kept, before = [], {}
     if args.update and os.path.exists(os.path.join(args.output_dir, "architectures.json")):
