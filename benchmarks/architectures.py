@@ -332,7 +332,7 @@ def markdown(results):
         f"{results['versions']['keras']}, TensorFlow {results['versions']['tensorflow']}, "
         f"tf2onnx {results['versions']['tf2onnx']}, onnxruntime "
         f"{results['versions']['onnxruntime']}, {results.get('memory_gib', '?')} GiB of memory. "
-        "weights=None, {CLASSES} classes, logits; BN "
+        f"weights=None, {CLASSES} classes, logits; BN "
         "statistics estimated on scikit-learn's digits enlarged to the input size; each model in "
         "its own process "
         f"(time limit {results['time_limit_s']} s). Latency: onnxruntime, batch 1, 1 thread.",
