@@ -107,13 +107,17 @@ def _collected_between_optimizers():
         (name, collecting(factory)) for name, factory in original().items())
     # What exists before the conversion is set aside (gc.freeze), so that each collection looks
     # at the conversion's own objects only: milliseconds, not the quarter second a collection
-    # over TensorFlow's and Keras's objects takes.
-    gc.freeze()
+    # over TensorFlow's and Keras's objects takes. A process that froze objects itself keeps
+    # them frozen: then nothing is frozen or unfrozen here.
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     try:
         yield
     finally:
         optimizer._get_optimizers = original
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def convert(frozen, inputs, output_names, opset, nchw):

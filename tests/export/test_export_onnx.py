@@ -451,3 +451,21 @@ def test_conversion_memory_stays_near_the_weights_size(monkeypatch):
     monkeypatch.setattr(optimizer, "optimize_graph", measured)
     conversion.convert(frozen, specs, names, 17, nchw)
     assert len(growth) == 1 and growth[0] < 10 * weights, growth[0] / weights
+
+
+def test_conversion_leaves_a_process_frozen_objects_frozen():
+    import gc
+
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    specs, names, nchw = conversion.graph_interface(model, None, None, False)
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        conversion.convert(export.freeze(model), specs, names, 17, nchw)
+        # still frozen (a few frozen objects may have been freed meanwhile), not unfrozen to 0
+        assert gc.get_freeze_count() > 0.99 * frozen
+    finally:
+        gc.unfreeze()
+    conversion.convert(export.freeze(model), specs, names, 17, nchw)
+    assert gc.get_freeze_count() == 0
