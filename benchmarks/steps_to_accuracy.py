@@ -86,6 +86,7 @@ def run_network(family, args, seeds):
         eval_every=max(1, s["steps"] // (5 if args.quick else 100)),
         alpha=args.alpha,
         statistics=args.statistics,
+        population_batches=args.population_batches,
         data_parallel=args.data_parallel,
         run_eagerly=training.quick_runs_eagerly(args.quick),
         final_population=not args.quick,

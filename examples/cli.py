@@ -22,6 +22,9 @@ def add_common_arguments(parser):
     parser.add_argument("--statistics", choices=("population", "moving"), default="population",
                         help="evaluate BN with exact population statistics (Algorithm 2) or the "
                              "moving averages")
+    parser.add_argument("--population-batches", type=positive_int, default=None,
+                        help="training batches (the first N) of each population estimate "
+                             "(default: all)")
     parser.add_argument("--mixed-precision", choices=("mixed_float16", "mixed_bfloat16"),
                         default=None, help="Keras mixed-precision policy")
     parser.add_argument("--data-parallel", action="store_true",
@@ -35,6 +38,14 @@ def add_common_arguments(parser):
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1),
                         help="1 shows progress bars")
     return parser
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
 
 
 def add_process_arguments(parser):

@@ -126,6 +126,7 @@ def main(argv=None):
         steps=steps,
         eval_every=max(1, steps // (5 if args.quick else 100)),
         statistics=args.statistics,
+        population_batches=args.population_batches,
         data_parallel=args.data_parallel,
     )
     seed = (args.seeds or [0])[0]

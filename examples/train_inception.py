@@ -153,6 +153,7 @@ def main(argv=None):
         eval_every=args.eval_every or max(1, steps // 100),
         alpha=args.alpha,
         statistics=args.statistics,
+        population_batches=args.population_batches,
         data_parallel=args.data_parallel,
         # Quick mode checks the code paths, not the accuracy: no compilation of the large graph.
         run_eagerly=training.quick_runs_eagerly(args.quick),

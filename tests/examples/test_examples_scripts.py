@@ -82,6 +82,18 @@ def test_train_inception_quick(tmp_path):
     assert "| BN-x5 |" in table and "| Inception |" in table
 
 
+def test_population_batches_reach_the_protocol(tmp_path, capsys):
+    result = train_inception.main([
+        "--quick", "--output-dir", str(tmp_path), "--verbose", "0", "--variants", "Inception",
+        "--steps", "2", "--population-batches", "3"])
+    assert result["config"]["population_batches"] == 3
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            train_inception.main(["--quick", "--population-batches", bad])
+        assert exit_info.value.code == 2
+        assert f"expected a positive integer, received {bad!r}" in capsys.readouterr().err
+
+
 def test_train_inception_throughput_quick(tmp_path):
     result = train_inception.main([
         "--throughput", "--quick", "--image-size", "32", "--batch-size", "4", "--verbose", "0",
