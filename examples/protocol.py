@@ -271,7 +271,10 @@ def run_protocol(runs, *, variants=None, seeds=(0, 1, 2), grid=LearningRateGrid(
         "data": data.name,
         "baseline": baseline,
         "config": dataclasses.asdict(config),
-        "variant_steps": {n: steps_of(n, variant_steps, config.steps) for n in names},
+        # The steps each variant trained: the baseline always trains `config.steps`.
+        "variant_steps": {n: config.steps if n == baseline else steps_of(n, variant_steps,
+                                                                          config.steps)
+                          for n in names},
         "seeds": list(seeds),
         "targets": {str(s): targets[s] for s in seeds},
         "learning_rate_grid": {

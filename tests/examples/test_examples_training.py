@@ -169,6 +169,14 @@ def test_protocol_grid_extends_until_degrades_and_counts_steps(monkeypatch, digi
     assert half < three_quarters < whole == 0.9
 
 
+def test_protocol_records_the_steps_each_variant_trained(monkeypatch, digits_images):
+    _fake_training(monkeypatch)
+    config = training.Config(family="inception", learning_rate=0.01, steps=100, eval_every=10)
+    result = protocol.steps_to_accuracy(digits_images, config, seeds=(0,), verbose=0,
+                                        variants=("Inception", "BN-x5"), variant_steps=30)
+    assert result["variant_steps"] == {"Inception": 100, "BN-x5": 30}
+
+
 def test_evaluations_thin_out_after_the_target(digits_images):
     data = dataclasses.replace(
         digits_images, x_train=digits_images.x_train.reshape(128, -1),
