@@ -47,6 +47,7 @@ import tempfile
 import time
 
 from benchmarks import machine
+from examples.cli import positive_int
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUTPUT_DIR = os.path.join(_HERE, "results")
@@ -409,8 +410,9 @@ def markdown(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", help="architecture names (default: every one)")
-    parser.add_argument("--time-limit", type=int, default=600, help="seconds per architecture")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--time-limit", type=positive_int, default=600,
+                        help="seconds per architecture")
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--keras-export-only", action="store_true",
                         help="with --update: run only Keras's own export for --models and keep "
                         "their other results (for models ours could not measure)")

@@ -34,6 +34,7 @@ import tensorflow as tf
 import tf2onnx
 
 import export
+from examples.cli import positive_int
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("ResNet50", "MobileNetV2")
@@ -153,10 +154,11 @@ def bench_model(name, size, repeats, threads, folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs at batch 1 "
+    parser.add_argument("--input-size", type=positive_int, default=224)
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed runs at batch 1 "
                         "(half as many, at least 7, at batch 32)")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads; "
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="onnxruntime intra-op threads; "
                         "1 keeps the A/B timing steadier on a shared machine")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--output", default=os.path.join(_HERE, "results", "export.json"))

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 import keras_bn
+from examples.cli import positive_int
 
 MODELS = ("ResNet50", "MobileNetV2")
 BATCH_SIZES = (1, 32)
@@ -105,8 +106,9 @@ def benchmark(name, repeats, image_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure (>= 5)")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed runs per figure (>= 5)")
+    parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument(
         "--output",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fold.json"),

@@ -190,14 +190,15 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=cli.DEFAULT_RESULTS)
     parser.add_argument("--alpha", type=float, default=None,
                         help="width multiplier (default: 1 for throughput, 0.25 for figure3)")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=cli.positive_int, default=None,
                         help="default: 224 for throughput, 32 for figure3")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=cli.positive_int, default=None,
                         help="default: 128 for throughput, the paper's 32 for figure3")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=cli.positive_int, default=None,
                         help="throughput: batches per timed epoch (default 20); figure3: the "
                              "baseline's budget (default 1500)")
-    parser.add_argument("--repeats", type=int, default=5, help="throughput: timed epochs")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5,
+                        help="throughput: timed epochs")
     parser.add_argument("--policies", nargs="+", default=["float32", "mixed_bfloat16"])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     cli.add_process_arguments(parser)

@@ -36,6 +36,7 @@ import numpy as np
 
 import keras_bn
 from examples import reporting
+from examples.cli import positive_int
 
 SHAPES = [(64, 32, 32, 64), (32, 56, 56, 128), (256, 1024)]
 RESULTS = Path(__file__).parent / "results" / "layer_speed.json"
@@ -161,8 +162,9 @@ def measure(shape, mode, iterations, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=10, help="calls per repetition")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions; the median is kept")
+    parser.add_argument("--iterations", type=positive_int, default=10, help="calls per repetition")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="repetitions; the median is kept")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 

@@ -74,6 +74,7 @@ import keras_bn
 from benchmarks import machine
 from benchmarks.export import randomize_batchnorm
 from examples import models, reporting, training
+from examples.cli import positive_int
 from examples.data import load_dataset
 from examples.variants import VARIANTS, build_variant
 from export import quantization, runtimes
@@ -902,17 +903,18 @@ def table(results, models_run):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=21, help="timed runs at batch 1 (half as "
+    parser.add_argument("--repeats", type=positive_int, default=21,
+                        help="timed runs at batch 1 (half as "
                         "many, at least 5, at batch 32; five times as many on the BN-Inception)")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                         help="where quantize.json and quantize.md go")
     parser.add_argument("--models", default=None, help="keras.applications models, comma "
                         f"separated (default {','.join(MODELS)}; 'toy' with --quick)")
-    parser.add_argument("--calibration-batches", type=int, default=4,
+    parser.add_argument("--calibration-batches", type=positive_int, default=4,
                         help="batches of 32 random images the applications calibrate on")
-    parser.add_argument("--validation-examples", type=int, default=64,
+    parser.add_argument("--validation-examples", type=positive_int, default=64,
                         help="random images the applications' int8 graphs are compared on")
-    parser.add_argument("--digits-calibration-batches", type=int, default=16,
+    parser.add_argument("--digits-calibration-batches", type=positive_int, default=16,
                         help="batches of 32 training digits the BN-Inception calibrates on")
     parser.add_argument("--quick", action="store_true",
                         help="a toy run: a small conv net at 32x32, 8 training steps, 3 repeats")

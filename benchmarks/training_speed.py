@@ -28,6 +28,7 @@ import numpy as np
 
 import keras_bn
 from examples import reporting
+from examples.cli import positive_int
 
 RESULTS = Path(__file__).parent / "results" / "training_speed.json"
 
@@ -65,8 +66,9 @@ def images_per_second(batch_normalization, jit_compile, x, y, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=512, help="images per epoch")
-    parser.add_argument("--repeats", type=int, default=5, help="timed epochs; the median is kept")
+    parser.add_argument("--examples", type=positive_int, default=512, help="images per epoch")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed epochs; the median is kept")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 

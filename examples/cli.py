@@ -31,7 +31,7 @@ def add_common_arguments(parser):
                         help="data parallelism over all local devices (tf.distribute."
                              "MirroredStrategy with synchronized BN on TensorFlow, "
                              "keras.distribution.DataParallel on JAX)")
-    parser.add_argument("--cpu-devices", type=int, default=None,
+    parser.add_argument("--cpu-devices", type=positive_int, default=None,
                         help="TensorFlow: split the CPU into this many logical devices, to try "
                              "--data-parallel without accelerators (on JAX set XLA_FLAGS="
                              "--xla_force_host_platform_device_count=N instead)")
@@ -51,7 +51,7 @@ def positive_int(text):
 def add_process_arguments(parser):
     """Options that place this process in a multi-process run (JAX only): each falls back to
     Keras's environment variable, so a launcher or a cluster scheduler can set either."""
-    parser.add_argument("--num-processes", type=int, default=None,
+    parser.add_argument("--num-processes", type=positive_int, default=None,
                         help="processes in the run, one per host (JAX; default: "
                              "$KERAS_DISTRIBUTION_NUM_PROCESSES or 1); implies --data-parallel")
     parser.add_argument("--process-id", type=int, default=None,

@@ -68,8 +68,8 @@ def onnx_runner(session, x):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where results go")
-    parser.add_argument("--steps", type=int, default=400, help="the baseline's budget")
-    parser.add_argument("--variant-steps", type=int, default=200, help="BN-x5's steps")
+    parser.add_argument("--steps", type=cli.positive_int, default=400, help="the baseline's budget")
+    parser.add_argument("--variant-steps", type=cli.positive_int, default=200, help="BN-x5's steps")
     parser.add_argument("--learning-rate", type=float, default=0.01,
                         help="first rate of the baseline's grid")
     parser.add_argument("--alpha", type=float, default=0.125, help="BN-Inception's width")

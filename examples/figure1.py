@@ -110,8 +110,9 @@ def markdown(results, config):
 
 def main(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 5000)")
-    parser.add_argument("--batch-size", type=int, default=60, help="the paper's 60")
+    parser.add_argument("--steps", type=cli.positive_int, default=None,
+                        help="training steps (default 5000)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=60, help="the paper's 60")
     parser.add_argument("--learning-rate", type=float, default=0.5,
                         help="momentum-SGD learning rate, the same for both networks")
     parser.add_argument("--unit", type=int, default=0, help="which last-hidden-layer sigmoid")

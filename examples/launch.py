@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from examples.cli import positive_int
+
 POLL_SECONDS = 0.2
 STOP_SECONDS = 10  # after SIGTERM, before SIGKILL
 
@@ -138,7 +140,7 @@ def main(argv=None):
         usage="python -m examples.launch [--num-processes N] [--log-dir DIR] [--timeout S] "
               "-- COMMAND ...",
     )
-    parser.add_argument("--num-processes", type=int, default=2, help="processes to start")
+    parser.add_argument("--num-processes", type=positive_int, default=2, help="processes to start")
     parser.add_argument("--log-dir", default=None,
                         help="folder for the output of processes 1..N-1 (default: discarded)")
     parser.add_argument("--timeout", type=float, default=None,

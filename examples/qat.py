@@ -405,9 +405,10 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=cli.DEFAULT_RESULTS)
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--float-steps", type=int, default=600,
+    parser.add_argument("--float-steps", type=cli.positive_int, default=600,
                         help="training steps of the float networks")
-    parser.add_argument("--qat-steps", type=int, default=300, help="QAT fine-tuning steps")
+    parser.add_argument("--qat-steps", type=cli.positive_int, default=300,
+                        help="QAT fine-tuning steps")
     parser.add_argument("--qat-learning-rate", type=float, default=QAT_LEARNING_RATE,
                         help="momentum-SGD rate of the QAT fine-tuning")
     parser.add_argument("--data", default="digits",

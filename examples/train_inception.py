@@ -106,15 +106,15 @@ def measure_throughput(args):
 def main(argv=None):
     parser = cli.make_parser(__doc__.split("\n")[0])
     parser.add_argument("--alpha", type=float, default=0.125, help="width multiplier")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=cli.positive_int, default=None,
                         help="resize images to this square size (default: the data's own)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=cli.positive_int, default=None,
                         help="the baseline's budget in steps (default 1500; quick 20)")
-    parser.add_argument("--variant-steps", type=int, default=None,
+    parser.add_argument("--variant-steps", type=cli.positive_int, default=None,
                         help="steps of each BN variant (default: the baseline's budget)")
-    parser.add_argument("--eval-every", type=int, default=None,
+    parser.add_argument("--eval-every", type=cli.positive_int, default=None,
                         help="steps between evaluations (default: 1%% of the budget)")
-    parser.add_argument("--batch-size", type=int, default=32, help="the paper's 32")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=32, help="the paper's 32")
     parser.add_argument("--learning-rate", type=float, default=0.01,
                         help="first rate of the baseline's learning-rate grid")
     parser.add_argument("--grid-factor", type=float, default=3.0,
@@ -128,7 +128,7 @@ def main(argv=None):
                              "stopped")
     parser.add_argument("--throughput", action="store_true",
                         help="only measure training images/s on synthetic data")
-    parser.add_argument("--throughput-steps", type=int, default=50)
+    parser.add_argument("--throughput-steps", type=cli.positive_int, default=50)
     cli.add_process_arguments(parser)
     args = parser.parse_args(argv)
     cli.resolve_process_options(args)

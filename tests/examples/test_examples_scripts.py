@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import gpu as gpu_benchmark
 from benchmarks import steps_to_accuracy as steps_benchmark
-from examples import demo, figure1, train_inception
+from examples import demo, figure1, launch, train_inception
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = [
@@ -92,6 +92,21 @@ def test_population_batches_reach_the_protocol(tmp_path, capsys):
             train_inception.main(["--quick", "--population-batches", bad])
         assert exit_info.value.code == 2
         assert f"expected a positive integer, received {bad!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main, option", [
+    (train_inception.main, "--steps"), (train_inception.main, "--eval-every"),
+    (train_inception.main, "--batch-size"), (figure1.main, "--steps"),
+    (demo.main, "--variant-steps"), (gpu_benchmark.main, "--repeats"),
+    (steps_benchmark.main, "--population-batches"), (launch.main, "--num-processes"),
+])
+def test_counts_must_be_positive(main, option, capsys):
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([option, bad])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.endswith(f"expected a positive integer, received {bad!r}")
 
 
 def test_train_inception_throughput_quick(tmp_path):
