@@ -180,3 +180,24 @@ def test_demo_quick(tmp_path, capsys):
     assert 0.0 <= summary["accuracy"]["onnxruntime_int8"] <= 1.0
     out = capsys.readouterr().out
     assert "steps to" in out and "onnxruntime" in out
+
+
+def test_demo_int8_guard_refuses_lost_accuracy_and_allows_near_tie_flips():
+    from types import SimpleNamespace
+
+    from keras_bn.verification import VerificationError
+
+    def report(float_accuracy, int8_accuracy):
+        return SimpleNamespace(outputs=[
+            SimpleNamespace(name="features", float_accuracy=None, int8_accuracy=None),
+            SimpleNamespace(name="probabilities", float_accuracy=float_accuracy,
+                            int8_accuracy=int8_accuracy)])
+
+    # Fashion-MNIST's demo network: 2.1% of decisions flip, accuracy 74.10% -> 74.04%
+    assert demo.check_int8_accuracy(report(0.7410, 0.7404)) == pytest.approx(0.0006)
+    assert demo.check_int8_accuracy(report(0.9800, 0.9822)) < 0  # int8 may gain
+    with pytest.raises(VerificationError, match="loses 1.00% of test accuracy on output "
+                                                "'probabilities'"):
+        demo.check_int8_accuracy(report(0.7410, 0.7310))
+    with pytest.raises(ValueError, match="labelled data"):
+        demo.check_int8_accuracy(SimpleNamespace(outputs=[]))
