@@ -193,9 +193,10 @@ def main(argv=None):
         min_agreement=0.0 if args.quick else MIN_AGREEMENT,
     )
     print(quantized.quantization.summary())
+    accuracy_drop = None
     if not args.quick:
         try:
-            check_int8_accuracy(quantized.quantization)
+            accuracy_drop = check_int8_accuracy(quantized.quantization)
         except ValueError:
             os.remove(int8_path)  # a refused file is not left behind
             raise
@@ -258,6 +259,10 @@ def main(argv=None):
         "int8": {"path": quantized.path, "bytes": quantized.file_size,
                  "node_counts": quantized.node_counts,
                  "agreement": quantized.quantization.agreement,
+                 # the guard's accuracies: the file's meaning (onnxruntime, no graph optimizations)
+                 "guard_float_accuracy": quantized.quantization.outputs[-1].float_accuracy,
+                 "guard_int8_accuracy": quantized.quantization.outputs[-1].int8_accuracy,
+                 "accuracy_drop": accuracy_drop,
                  "target": quantized.target, "cpu_has_vnni": cpu_has_vnni()},
         "latency_ms": {str(k): v for k, v in latency.items()},
         "seconds": time.perf_counter() - started,

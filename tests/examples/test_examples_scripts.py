@@ -178,6 +178,10 @@ def test_demo_quick(tmp_path, capsys):
     assert summary["int8"]["node_counts"]["QuantizeLinear"] > 0
     assert "BatchNormalization" not in summary["int8"]["node_counts"]
     assert 0.0 <= summary["accuracy"]["onnxruntime_int8"] <= 1.0
+    # the guard compared the file's meaning with the float graph on the labelled test images
+    assert summary["int8"]["guard_float_accuracy"] == pytest.approx(
+        summary["accuracy"]["onnxruntime"], abs=1e-6)
+    assert 0.0 <= summary["int8"]["guard_int8_accuracy"] <= 1.0
     out = capsys.readouterr().out
     assert "steps to" in out and "onnxruntime" in out
 
