@@ -675,6 +675,7 @@ def test_a_quantizing_model_is_verified_fold_by_fold(monkeypatch):
     """In a QAT model a value at a rounding boundary moves a whole grid step when float32 sums
     differ, and the network carries it on: the outputs cannot judge a fold there; each fold
     alone can. A float model keeps the end-to-end rule."""
+    from keras_bn import verification
     from keras_bn.folding import graph
 
     inputs = keras.Input((8, 8, 3))
@@ -686,7 +687,15 @@ def test_a_quantizing_model_is_verified_fold_by_fold(monkeypatch):
     model = randomize(keras.Model(inputs, layers.GlobalAveragePooling2D()(x)))
     qat = keras_bn.prepare_qat(model)
     qat(np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32"), training=True)
-    # at tolerance 1e-12 the end-to-end comparison fails on float32 rounding alone
+    # At tolerance 1e-12 the end-to-end comparison fails on float32 rounding alone; where a
+    # backend's sums happen to round alike on the random batch, the error is set to a rounding's.
+    output_error = verification.output_error
+
+    def rounding_error(*args):
+        error, scale = output_error(*args)
+        return max(error, 1e-7 * scale), scale
+
+    monkeypatch.setattr(verification, "output_error", rounding_error)
     monkeypatch.setattr(graph, "_worst_pair_error", lambda *args: 0.0)
     report = keras_bn.fold_batchnorm(qat, tolerance=1e-12).fold_report
     assert report.folded == [("bn_separable", "separable")]
